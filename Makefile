@@ -1,0 +1,43 @@
+# Every target sets up .venv itself on first use (torch pinned by constraints.txt).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt
+
+.PHONY: lab test lint unit notebooks course bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) -e '.[dev]'
+	touch $@
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab --notebook-dir=notebooks
+
+# What CI runs (.ci/run): lint, unit tests and every notebook under nbval, in fast mode.
+test: $(STAMP)
+	$(BIN)/ruff check .
+	COURSE_FAST=1 $(BIN)/pytest --nbval-lax --durations=15 tests notebooks
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+unit: $(STAMP)
+	COURSE_FAST=1 $(BIN)/pytest tests
+
+notebooks: $(STAMP)
+	COURSE_FAST=1 $(BIN)/pytest --nbval-lax notebooks
+
+# Execute every notebook in full mode into build/course/, for readers without Jupyter.
+course: $(STAMP)
+	mkdir -p build/course
+	COURSE_FAST=0 $(BIN)/jupyter nbconvert --to notebook --execute \
+	    --ExecutePreprocessor.timeout=3600 --output-dir build/course notebooks/*.ipynb
+
+# Measure (ratios within one run) and write benchmarks/results/*.json.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf build .pytest_cache .ruff_cache

@@ -1,0 +1,85 @@
+"""What this machine has, and which device, backend and thread budget each worker gets.
+
+On a CPU-only machine, worker *processes* stand in for devices and talk over gloo; with GPUs, one
+process drives one GPU (``cuda:LOCAL_RANK``) and talks over NCCL. Everything else in the course asks
+this module, so no lesson hard-codes ``"cuda"``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+def num_cores() -> int:
+    """CPU cores this process may run on (respects taskset/cgroup affinity)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def num_gpus() -> int:
+    """Number of CUDA devices visible to this process (0 on a laptop without one)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def backend(use_gpu: bool | None = None) -> str:
+    """The torch.distributed backend: ``nccl`` for GPUs, ``gloo`` for CPU processes."""
+    if use_gpu is None:
+        use_gpu = num_gpus() > 0
+    return "nccl" if use_gpu else "gloo"
+
+
+def device(local_rank: int = 0, use_gpu: bool | None = None) -> torch.device:
+    """The device a worker with this *local* rank uses (never the global rank: see STYLE.md)."""
+    if use_gpu is None:
+        use_gpu = num_gpus() > 0
+    if use_gpu:
+        return torch.device("cuda", local_rank % max(num_gpus(), 1))
+    return torch.device("cpu")
+
+
+def threads_per_worker(nproc: int, cores: int | None = None) -> int:
+    """Torch threads for each of ``nproc`` workers so they share the cores without oversubscribing."""
+    if nproc < 1:
+        raise ValueError(f"nproc must be at least 1, got {nproc}")
+    cores = num_cores() if cores is None else cores
+    return max(1, cores // nproc)
+
+
+@dataclass
+class MachineInfo:
+    """A summary of the machine, printed by notebook 00."""
+
+    python: str
+    torch: str
+    cores: int
+    gpus: int
+    gpu_names: list[str]
+    backend: str
+    device: str
+    torch_threads: int
+
+
+def summary() -> MachineInfo:
+    """Describe this machine: cores, GPUs, and the backend and device the course will use."""
+    gpus = num_gpus()
+    return MachineInfo(
+        python=platform.python_version(),
+        torch=torch.__version__,
+        cores=num_cores(),
+        gpus=gpus,
+        gpu_names=[torch.cuda.get_device_name(i) for i in range(gpus)],
+        backend=backend(),
+        device=str(device()),
+        torch_threads=torch.get_num_threads(),
+    )
+
+
+def describe() -> str:
+    """One line per fact of :func:`summary`, for printing."""
+    return "\n".join(f"{k:>14}: {v}" for k, v in asdict(summary()).items())

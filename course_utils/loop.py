@@ -1,0 +1,180 @@
+"""The one training loop of the course: single process, data-parallel workers and pipeline stages.
+
+``fit`` runs a number of steps over an iterable of batches and records, per step, the *global*
+mean loss, the accuracy and the time taken. A data-parallel worker passes ``reduce`` (a sum across
+ranks, e.g. an ``all_reduce``) so that what it records is the loss of the whole global batch, not
+just its own shard: rank 0 then logs the same numbers a single process would.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+@dataclass
+class History:
+    """Per-step metrics of a run. ``batch_size`` is the global batch (all workers together)."""
+
+    batch_size: int
+    losses: list[float] = field(default_factory=list)
+    accuracies: list[float] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+
+    @property
+    def samples_per_s(self) -> float:
+        """Global samples per second over the steps after the first (start-up excluded)."""
+        times = self.step_times[1:] or self.step_times
+        return self.batch_size * len(times) / sum(times) if times and sum(times) > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "samples_per_s": self.samples_per_s}
+
+
+def train_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, X: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step: forward, loss, backward, update. Returns the (detached) loss and correct count."""
+    optimizer.zero_grad(set_to_none=True)
+    logits = model(X)  # (B, num_classes)
+    loss = F.cross_entropy(logits, y)  # mean over this process's batch
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), (logits.argmax(dim=1) == y).sum()
+
+
+def fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    num_steps: int,
+    *,
+    batch_size: int | None = None,
+    step_fn: Callable = train_step,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    progress: bool = True,
+    desc: str = "train",
+    on_step: Callable[[int, History], None] | None = None,
+) -> History:
+    """Train for ``num_steps`` steps and return the :class:`History`.
+
+    ``batch_size`` is the global batch (default: the first batch's size). ``reduce`` sums a small
+    tensor across workers (default: nothing to sum, one process). ``step_fn`` lets a strategy
+    replace the step (hand-written data parallel, a pipeline schedule) and keep the bookkeeping.
+    """
+    history = History(batch_size=batch_size or 0)
+    device = next(model.parameters()).device
+    model.train()
+    bar = tqdm(total=num_steps, desc=desc, disable=not progress, leave=False)
+    try:
+        for step, (X, y) in zip(range(num_steps), batches):
+            X, y = X.to(device), y.to(device)
+            start = time.perf_counter()
+            loss, correct = step_fn(model, optimizer, X, y)
+            # [loss * n, correct, n] summed over workers gives the exact global mean loss.
+            stats = torch.stack([loss * len(y), correct.to(loss.dtype), loss.new_tensor(len(y))])
+            if reduce is not None:
+                stats = reduce(stats)
+            total_loss, total_correct, n = stats.tolist()
+            history.step_times.append(time.perf_counter() - start)
+            history.losses.append(total_loss / n)
+            history.accuracies.append(total_correct / n)
+            if not history.batch_size:
+                history.batch_size = int(n)
+            bar.update(1)
+            bar.set_postfix(loss=f"{history.losses[-1]:.3f}", refresh=False)
+            if on_step is not None:
+                on_step(step, history)
+    finally:
+        bar.close()
+    return history
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
+    """Accuracy of ``model`` on ``(X, y)``, in [0, 1]."""
+    model.eval()
+    device = next(model.parameters()).device
+    correct = 0
+    for i in range(0, len(X), batch_size):
+        logits = model(X[i : i + batch_size].to(device))
+        correct += (logits.argmax(dim=1).cpu() == y[i : i + batch_size]).sum().item()
+    model.train()
+    return correct / len(X)
+
+
+@contextmanager
+def num_threads(threads: int | None):
+    """Run a block with ``torch.set_num_threads(threads)``, restoring the old setting after."""
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def time_step_phases(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    repeats: int = 5,
+) -> dict[str, float]:
+    """Mean seconds of each phase of a training step: forward, backward, optimizer (lesson 01)."""
+    totals = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+    for i in range(repeats + 1):  # the first repeat warms up and is not counted
+        optimizer.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(model(X), y)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        optimizer.step()
+        t3 = time.perf_counter()
+        if i:
+            totals["forward"] += t1 - t0
+            totals["backward"] += t2 - t1
+            totals["optimizer"] += t3 - t2
+    return {k: v / repeats for k, v in totals.items()}
+
+
+def measure_throughput(
+    model: nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    threads: int | None = None,
+    num_steps: int = 10,
+    lr: float = 0.01,
+) -> float:
+    """Training samples per second of ``model`` at this batch size and thread count.
+
+    Trains a throwaway copy, so the caller's model is untouched."""
+    import copy
+
+    model = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    with num_threads(threads):
+        history = fit(model, optimizer, _cycle(X, y, batch_size), num_steps + 1, progress=False)
+    return history.samples_per_s
+
+
+def _cycle(X: torch.Tensor, y: torch.Tensor, batch_size: int):
+    """Endless batches in order (for timing, where which samples doesn't matter)."""
+    while True:
+        for i in range(0, len(X) - batch_size + 1, batch_size):
+            yield X[i : i + batch_size], y[i : i + batch_size]
+
+
+def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """The course's optimizer everywhere: SGD with momentum 0.9 (the article used plain SGD)."""
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)

@@ -1,0 +1,182 @@
+"""The course's training entry point (contract in DESIGN.md).
+
+    python -m course_utils.train --model cnn --parallel none --steps 50 --json out.json
+    python -m course_utils.train --model rnn --steps 200 --eval
+
+``--batch-size`` is always the *global* batch: a data-parallel or pipeline run with the same batch
+and seed does the same arithmetic as ``--parallel none`` and reports the same per-step losses.
+Bad input exits with status 2 and one line on stderr, before any worker starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+from course_utils import data, hardware, loop, models
+
+
+@dataclass
+class RunConfig:
+    """One training run. Each field is a CLI flag (``batch_size`` → ``--batch-size``)."""
+
+    model: str = "cnn"  # which network: "cnn" or "rnn" (the article's, corrected)
+    parallel: str = "none"  # strategy: "none", "ddp" or "pipeline"
+    nproc: int = 1  # worker processes (data-parallel replicas or pipeline stages)
+    batch_size: int = 64  # global batch, summed over all workers
+    steps: int = 100  # optimizer steps
+    lr: float = 0.01  # SGD learning rate (momentum 0.9)
+    seed: int = 0  # seeds the weights and the order of the batches
+    threads: int | None = None  # torch threads per worker; default cores // nproc, at least 1
+    microbatches: int = 4  # pipeline only: microbatches per global batch
+    schedule: str = "gpipe"  # pipeline only: "gpipe" or "1f1b"
+    eval: bool = False  # report test accuracy at the end
+    json: str | None = None  # write the results to this file
+    checkpoint: str | None = None  # directory to save to and resume from
+    checkpoint_every: int = 0  # save every K steps (0: only at the end)
+
+    @property
+    def threads_per_worker(self) -> int:
+        return self.threads or hardware.threads_per_worker(self.nproc)
+
+
+CHOICES = {
+    "model": sorted(models.MODELS),
+    "parallel": ["none", "ddp", "pipeline"],
+    "schedule": ["gpipe", "1f1b"],
+}
+
+
+class UsageError(ValueError):
+    """Bad command-line input: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints the whole usage; we print one line
+        raise UsageError(message)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The CLI, built from :class:`RunConfig`'s fields and defaults."""
+    p = _Parser(prog="python -m course_utils.train", description=__doc__.split("\n\n")[0])
+    for f in fields(RunConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            p.add_argument(flag, action="store_true")
+            continue
+        kind = {"int": int, "float": float}.get(f.type.split(" |")[0], str)
+        p.add_argument(flag, type=kind, default=f.default, choices=CHOICES.get(f.name))
+    return p
+
+
+def validate(cfg: RunConfig) -> None:
+    """Raise :class:`UsageError` for input that can't work, before any worker starts."""
+    num_train = len(data.load("train")[1])
+    checks = [
+        (cfg.nproc >= 1, f"--nproc must be at least 1, got {cfg.nproc}"),
+        (cfg.steps >= 1, f"--steps must be at least 1, got {cfg.steps}"),
+        (cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
+        (
+            cfg.threads is None or cfg.threads >= 1,
+            f"--threads must be at least 1, got {cfg.threads}",
+        ),
+        (
+            1 <= cfg.batch_size <= num_train,
+            f"--batch-size must be in 1..{num_train} (the training set), got {cfg.batch_size}",
+        ),
+        (cfg.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {cfg.checkpoint_every}"),
+        (
+            cfg.parallel != "none" or cfg.nproc == 1,
+            f"--parallel none runs one process; got --nproc {cfg.nproc} (use --parallel ddp)",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    if cfg.parallel in ("ddp", "pipeline"):
+        raise UsageError(f"--parallel {cfg.parallel} is not implemented yet")
+
+
+def run_single(cfg: RunConfig, progress: bool = True) -> dict:
+    """Train in this process (``--parallel none``) and return the results dict of the contract."""
+    torch.set_num_threads(cfg.threads_per_worker)
+    X, y = data.mnist("train")
+    X = models.prepare_input(cfg.model, X)
+    model = models.build(cfg.model, seed=cfg.seed)
+    optimizer = loop.make_optimizer(model, cfg.lr)
+    batches = data.batches(X, y, cfg.batch_size, cfg.steps, seed=cfg.seed)
+    history = loop.fit(
+        model,
+        optimizer,
+        batches,
+        cfg.steps,
+        batch_size=cfg.batch_size,
+        progress=progress,
+        desc=f"{cfg.model} (1 process)",
+    )
+    result = results(cfg, history, backend="none", device=str(hardware.device()))
+    if cfg.eval:
+        X_test, y_test = data.mnist("test")
+        result["test_accuracy"] = loop.evaluate(
+            model, models.prepare_input(cfg.model, X_test), y_test
+        )
+    return result
+
+
+def results(cfg: RunConfig, history: loop.History, backend: str, device: str) -> dict:
+    """The JSON object of the contract (``wall_s`` is filled in by :func:`main`)."""
+    return {
+        **{k: v for k, v in asdict(cfg).items() if k not in ("json", "eval")},
+        "threads": cfg.threads_per_worker,
+        "losses": history.losses,
+        "accuracies": history.accuracies,
+        "samples_per_s": history.samples_per_s,
+        "backend": backend,
+        "device": device,
+    }
+
+
+def run(cfg: RunConfig, progress: bool = True) -> dict:
+    """Validate and run one configuration; the notebooks' and tests' way in."""
+    start = time.perf_counter()
+    validate(cfg)
+    result = run_single(cfg, progress=progress)
+    result["wall_s"] = time.perf_counter() - start
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = RunConfig(**vars(parser().parse_args(argv)))
+        result = run(cfg, progress=sys.stderr.isatty())
+    except UsageError as err:
+        print(f"train: error: {err}", file=sys.stderr)
+        return 2
+    summary = f"{cfg.model}: final loss {result['losses'][-1]:.4f}, "
+    summary += f"{result['samples_per_s']:.0f} samples/s"
+    if "test_accuracy" in result:
+        summary += f", test accuracy {result['test_accuracy']:.2%}"
+    print(summary)
+    if cfg.json:
+        write_json(cfg.json, result)
+    return 0
+
+
+def write_json(path: str, obj: dict) -> None:
+    """Write ``obj`` atomically: a crash never leaves half a file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
