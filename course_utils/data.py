@@ -62,7 +62,9 @@ def verify(path: Path = SUBSET_PATH, expected: str = SUBSET_SHA256) -> Path:
 def read_idx(path: Path) -> np.ndarray:
     """Read one IDX file (the format of the original MNIST files), gzipped or not."""
     path = Path(path)
-    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":  # gzip's magic number, whatever the file is called
+        raw = gzip.decompress(raw)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DataError(f"{path.name} is not an IDX file (bad magic number)")
     dtype, ndim = np.dtype(_IDX_DTYPES[raw[2]]), raw[3]
@@ -81,8 +83,9 @@ def _find(name: str, folder: Path) -> Path | None:
     return None
 
 
-def has_full(folder: Path = FULL_DIR) -> bool:
-    """True when all four original MNIST IDX files are in ``folder``."""
+def has_full(folder: Path | None = None) -> bool:
+    """True when all four original MNIST IDX files are in ``folder`` (default ``data/mnist/``)."""
+    folder = Path(folder) if folder is not None else FULL_DIR
     return all(_find(n, folder) for pair in FULL_FILES.values() for n in pair)
 
 
@@ -92,22 +95,28 @@ def _load_subset(path: Path) -> dict[str, np.ndarray]:
         return {k: npz[k] for k in npz.files}
 
 
-def load(split: str = "train", source: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+def load(
+    split: str = "train", source: str = "auto", full_dir: Path | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Raw images ``(N, 28, 28)`` uint8 and labels ``(N,)`` int64 of one split.
 
-    ``source``: ``"subset"`` (bundled 5k), ``"full"`` (IDX files in data/mnist/), or ``"auto"``
-    (full when present, else the subset).
+    ``source``: ``"subset"`` (bundled 5k), ``"full"`` (IDX files in ``full_dir``, default
+    data/mnist/), or ``"auto"`` (full when present, else the subset).
     """
+    full_dir = Path(full_dir) if full_dir is not None else FULL_DIR
     if split not in FULL_FILES:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if source not in ("auto", "subset", "full"):
         raise ValueError(f"source must be 'auto', 'subset' or 'full', got {source!r}")
-    if source == "full" or (source == "auto" and has_full()):
-        if not has_full():
-            raise DataError(f"full MNIST not found: put the four IDX files in {FULL_DIR}")
+    if source == "full" or (source == "auto" and has_full(full_dir)):
+        if not has_full(full_dir):
+            raise DataError(
+                f"full MNIST not found: put the four IDX files ({', '.join(FULL_FILES['train'])}, "
+                f"{', '.join(FULL_FILES['test'])}, optionally .gz) in {full_dir}"
+            )
         images_name, labels_name = FULL_FILES[split]
-        images = read_idx(_find(images_name, FULL_DIR))
-        labels = read_idx(_find(labels_name, FULL_DIR))
+        images = read_idx(_find(images_name, full_dir))
+        labels = read_idx(_find(labels_name, full_dir))
     else:
         arrays = _load_subset(SUBSET_PATH)
         images, labels = arrays[f"x_{split}"], arrays[f"y_{split}"]

@@ -1,0 +1,74 @@
+"""The training entry point's contract (DESIGN.md): JSON keys, bad input, determinism."""
+
+import json
+
+import pytest
+
+from course_utils import train
+
+CONTRACT_KEYS = {
+    "model",
+    "parallel",
+    "nproc",
+    "batch_size",
+    "steps",
+    "losses",
+    "samples_per_s",
+    "wall_s",
+    "backend",
+    "device",
+}
+
+
+@pytest.mark.parametrize("model", ["cnn", "rnn"])
+def test_cli_writes_the_contract_json(cli, tmp_path, model):
+    out = tmp_path / "out.json"
+    proc = cli(
+        "--model", model, "--parallel", "none", "--steps", "50", "--json", str(out), "--eval"
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert CONTRACT_KEYS | {"test_accuracy"} <= result.keys()
+    assert result["model"] == model and result["nproc"] == 1 and result["steps"] == 50
+    assert len(result["losses"]) == 50 and result["samples_per_s"] > 0
+    assert result["losses"][-1] < result["losses"][0]  # it learns
+    assert 0.0 <= result["test_accuracy"] <= 1.0
+    assert f"{model}: final loss" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "transformer"], "invalid choice"),
+        (["--nproc", "0", "--parallel", "ddp"], "--nproc must be at least 1"),
+        (["--batch-size", "0"], "--batch-size must be in"),
+        (["--batch-size", "100000"], "--batch-size must be in"),
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--lr", "-1"], "--lr must be positive"),
+        (["--threads", "0"], "--threads must be at least 1"),
+        (["--steps", "ten"], "invalid int value"),
+        (["--nproc", "2"], "--parallel none runs one process"),
+        (["--bogus"], "unrecognized arguments"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_nonzero_exit(cli, args, message):
+    proc = cli(*args)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("train: error:") and message in lines[0]
+    assert proc.stdout == ""
+
+
+def test_same_seed_gives_same_losses_and_another_seed_does_not():
+    def losses(seed):
+        cfg = train.RunConfig(model="cnn", steps=6, batch_size=32, seed=seed, threads=1)
+        return train.run(cfg, progress=False)["losses"]
+
+    assert losses(1) == losses(1)
+    assert losses(1) != losses(2)
+
+
+def test_rnn_is_deterministic_too():
+    cfg = train.RunConfig(model="rnn", steps=5, batch_size=16, seed=0, threads=1)
+    assert train.run(cfg, progress=False)["losses"] == train.run(cfg, progress=False)["losses"]
