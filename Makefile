@@ -12,8 +12,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) -e '.[dev]'
 	touch $@
 
+# Extra flags for JupyterLab, e.g. make lab LAB_ARGS="--port 8899 --no-browser". As root (a
+# container), JupyterLab refuses to start without --allow-root, so it is added there.
+LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
+
 lab: $(STAMP)
-	$(BIN)/jupyter lab --notebook-dir=notebooks
+	$(BIN)/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
 
 # What CI runs (.ci/run): lint, unit tests and every notebook under nbval, in fast mode.
 test: $(STAMP)

@@ -1,0 +1,95 @@
+"""The lesson panels, driven without a browser: set the controls, click, read the results."""
+
+import os
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import course_utils as cu  # noqa: E402
+
+
+class TinyModel(torch.nn.Module):
+    """A model that trains in microseconds: the panel's wiring is under test, not the CNN."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(28 * 28, 10)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+@pytest.fixture
+def data():
+    return cu.data.mnist("train", limit=256)
+
+
+def counting(measure):
+    """Wrap a measure function so the test can see how often the panel really measured."""
+
+    def wrapped(*args, **kwargs):
+        wrapped.calls += 1
+        return measure(*args, **kwargs)
+
+    wrapped.calls = 0
+    return wrapped
+
+
+def test_measure_button_records_a_point_and_caches_it(data):
+    X, y = data
+    measure = counting(cu.loop.measure_throughput)
+    panel = cu.widgets.ThroughputPanel(
+        TinyModel(), X, y, batch_sizes=[8, 32], num_steps=2, measure=measure
+    )
+    assert panel.controls["threads"].max == cu.hardware.num_cores()
+
+    panel.controls["batch_size"].value = 32
+    panel.controls["threads"].value = 1
+    panel.run_button.click()
+    assert panel.last_error is None, panel.last_error
+    assert len(panel.results) == 1 and measure.calls == 1
+    point = panel.results[0]
+    assert point["batch_size"] == 32 and point["threads"] == 1
+    assert point["samples_per_s"] > 0
+    assert panel.figure is not None and panel.figure.axes[0].lines  # the point was drawn
+
+    panel.run_button.click()  # same setting: answered from the cache
+    assert measure.calls == 1 and len(panel.results) == 1
+    assert panel.status.value == "cached"
+
+    panel.controls["batch_size"].value = 8
+    panel.run_button.click()  # a new setting: measured and appended
+    assert measure.calls == 2 and len(panel.results) == 2
+    assert panel.results[-1]["batch_size"] == 8 and panel.results[-1]["samples_per_s"] > 0
+
+
+def test_a_failing_measurement_is_shown_not_raised(data):
+    X, y = data
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory (pretend)")
+
+    panel = cu.widgets.ThroughputPanel(TinyModel(), X, y, batch_sizes=[8], measure=broken)
+    panel.run_button.click()  # must not raise: a callback error would be lost in the kernel log
+    assert "out of memory (pretend)" in panel.last_error
+    assert "error" in panel.status.value
+    assert panel.results == [] and not panel.run_button.disabled
+
+
+def test_measurements_plot_handles_groups_and_empty_input():
+    points = [
+        {"batch_size": 64, "threads": 2, "samples_per_s": 300.0},
+        {"batch_size": 16, "threads": 2, "samples_per_s": 100.0},
+        {"batch_size": 16, "threads": 1, "samples_per_s": 80.0},
+    ]
+    fig = cu.plots.measurements(points, x="batch_size", y="samples_per_s", by="threads")
+    lines = fig.axes[0].lines
+    assert len(lines) == 2  # one per thread count
+    assert list(lines[1].get_xdata()) == [16, 64]  # sorted along x
+    cu.plots.measurements([], x="batch_size", y="samples_per_s", by="threads")
