@@ -1,0 +1,210 @@
+"""The launcher: results by rank, errors with rank and traceback, timeouts, no orphans."""
+
+import datetime
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import ROOT
+
+from course_utils import launch
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie still answers kill(0); count it as gone only once reaped
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] != "Z"
+
+
+def _children() -> list[int]:
+    """PIDs of this process's live children (Linux /proc), less multiprocessing's own
+    resource tracker (started once by the spawn test, by design long-lived)."""
+    me = str(os.getpid())
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[1] == me and fields[0] != "Z":
+                with open(f"/proc/{entry}/cmdline") as f:
+                    if "resource_tracker" not in f.read():
+                        kids.append(int(entry))
+    return kids
+
+
+def sum_of_ranks(offset, scale=1):
+    t = torch.tensor([float(dist.get_rank() + 1)])
+    dist.all_reduce(t)
+    env = {k: os.environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "COURSE_STORE_FILE")}
+    return dist.get_rank(), t.item() * scale + offset, torch.get_num_threads(), env
+
+
+def test_results_come_back_by_rank_with_the_torchrun_environment():
+    results = launch.run(sum_of_ranks, 3, 10, scale=2, threads=1)
+    assert [r[0] for r in results] == [0, 1, 2]
+    assert all(r[1] == (1 + 2 + 3) * 2 + 10 for r in results)
+    assert all(r[2] == 1 for r in results)
+    for rank, (_, _, _, env) in enumerate(results):
+        assert env["RANK"] == env["LOCAL_RANK"] == str(rank) and env["WORLD_SIZE"] == "3"
+    stores = {env["COURSE_STORE_FILE"] for (_, _, _, env) in results}
+    assert len(stores) == 1  # one rendezvous per launch...
+    (_, _, _, env), _ = launch.run(sum_of_ranks, 2, 0)
+    assert env["COURSE_STORE_FILE"] not in stores  # ...a fresh one for the next
+    assert not any(os.path.exists(os.path.dirname(path)) for path in stores)  # and cleaned up
+
+
+def bare_init_then_sum():
+    # the way a tutorial writes it: env:// from MASTER_ADDR/MASTER_PORT, rank 0 hosts the store
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
+    try:
+        t = torch.ones(1)
+        dist.all_reduce(t)
+        return t.item(), os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_worker_code_may_init_the_group_itself_from_master_addr_and_port():
+    results = launch.run(bare_init_then_sum, 2, init_group=False, timeout=60)
+    assert [r[0] for r in results] == [2.0, 2.0]
+    assert results[0][1] == "127.0.0.1" and results[0][2] != 29500
+
+
+def test_thread_budget_defaults_to_cores_per_worker():
+    (_, _, threads, _), _ = launch.run(sum_of_ranks, 2, 0)
+    assert threads == max(1, launch.hardware.num_cores() // 2)
+
+
+def write_pid_then(tmp, behaviour):
+    (tmp / f"pid{dist.get_rank()}").write_text(str(os.getpid()))
+    if dist.get_rank() == 1:
+        if behaviour == "raise":
+            raise ValueError("rank one is broken")
+        if behaviour == "die":
+            os._exit(3)
+    time.sleep(60)  # the others are still busy when rank 1 fails
+
+
+@pytest.mark.parametrize("behaviour", ["raise", "die"])
+def test_a_failing_worker_raises_fast_with_rank_and_traceback_and_leaves_nothing(
+    tmp_path, behaviour
+):
+    start = time.monotonic()
+    with pytest.raises(launch.WorkerError) as info:
+        launch.run(write_pid_then, 3, tmp_path, behaviour)
+    assert time.monotonic() - start < 10
+    assert info.value.rank == 1
+    if behaviour == "raise":
+        assert "ValueError: rank one is broken" in str(info.value)
+        assert "write_pid_then" in info.value.worker_traceback  # the worker's own frames
+    else:
+        assert "exited with code 3" in str(info.value)
+    pids = [int((tmp_path / f"pid{r}").read_text()) for r in range(3)]
+    assert not any(_alive(pid) for pid in pids)
+    assert _children() == []
+
+
+def sleeper():
+    time.sleep(60)
+
+
+def test_timeout_stops_every_worker():
+    start = time.monotonic()
+    with pytest.raises(launch.LaunchTimeout, match="ranks \\[0, 1\\]"):
+        launch.run(sleeper, 2, timeout=1.5)
+    assert time.monotonic() - start < 6
+    assert _children() == []
+
+
+def skip_collective():
+    if dist.get_rank() == 0:
+        dist.all_reduce(torch.zeros(1))  # rank 1 never joins
+    else:
+        time.sleep(60)
+
+
+def test_a_skipped_collective_fails_after_the_group_timeout_not_30_minutes():
+    start = time.monotonic()
+    with pytest.raises(launch.WorkerError) as info:
+        launch.run(skip_collective, 2, group_timeout=2)
+    assert info.value.rank == 0
+    assert time.monotonic() - start < 15
+
+
+def test_interrupting_the_caller_stops_the_workers():
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        launch.run(sleeper, 2, timeout=30)
+    assert time.monotonic() - start < 6
+    assert _children() == []
+
+
+def test_two_launches_at_once_do_not_collide():
+    code = (
+        "import course_utils.launch as L, torch, torch.distributed as dist\n"
+        "def f():\n"
+        "    t = torch.ones(1); dist.all_reduce(t); return t.item()\n"
+        "for _ in range(5):\n"
+        "    assert L.run(f, 2) == [2.0, 2.0]\n"
+        "print('ok')\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0]
+    assert all(out.strip() == "ok" for out in outs)
+
+
+def test_more_workers_than_cores_warns_once(monkeypatch):
+    monkeypatch.setattr(launch, "_warned_oversubscribe", False)
+    monkeypatch.setattr(launch.hardware, "num_cores", lambda: 1)
+    with pytest.warns(UserWarning, match="oversubscribe"):
+        launch.run(sum_of_ranks, 2, 0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        launch.run(sum_of_ranks, 2, 0)  # second time: silent
+
+
+def test_spawn_path_runs_importable_functions_and_explains_notebook_ones(monkeypatch):
+    monkeypatch.setattr(launch, "start_method", lambda: "spawn")
+    results = launch.run(sum_of_ranks, 2, 1, timeout=120)
+    assert [r[1] for r in results] == [4.0, 4.0]
+
+    def defined_here():
+        return 1
+
+    with pytest.raises(RuntimeError, match="Move it into a .py module"):
+        launch.run(defined_here, 2)
+
+
+def ddp_step():
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(8, 2))
+    model(torch.randn(4, 8)).sum().backward()
+    return float(model.module.weight.grad.sum())
+
+
+def test_thirty_ddp_launches_in_a_row_all_exit_cleanly():
+    """gloo sometimes aborts at interpreter exit after DDP; the launcher's workers never may."""
+    for _ in range(30):
+        grads = launch.run(ddp_step, 2, timeout=60)
+        assert grads[0] == pytest.approx(grads[1])
+    assert _children() == []
