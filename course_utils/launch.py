@@ -31,6 +31,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -184,9 +185,12 @@ def _child(fn, args, kwargs, env, threads, init_group, group_timeout_s, conn) ->
     except BaseException as err:  # report everything, KeyboardInterrupt included
         status, payload = "error", (f"{type(err).__name__}: {err}", traceback.format_exc())
     try:
-        conn.send((status, payload))
+        # Plain pickle, sent as bytes: multiprocessing's own pickler would share tensors through
+        # file descriptors that vanish when this process exits right after sending.
+        conn.send_bytes(pickle.dumps((status, payload)))
     except Exception as err:  # e.g. a result that can't be pickled
-        conn.send(("error", (f"result could not be sent back: {err!r}", traceback.format_exc())))
+        message = (f"result could not be sent back: {err!r}", traceback.format_exc())
+        conn.send_bytes(pickle.dumps(("error", message)))
     conn.close()
     exit_cleanly(0 if status == "ok" else 1)
 
@@ -310,8 +314,8 @@ def _collect(procs: list, readers: dict, timeout: float) -> list:
             if obj in pending:
                 rank = pending[obj]
                 try:
-                    status, payload = obj.recv()
-                except EOFError:  # the pipe closed with no message: the worker died
+                    status, payload = pickle.loads(obj.recv_bytes())
+                except (EOFError, OSError):  # the pipe closed with no message: the worker died
                     raise _died(procs[rank], rank) from None
                 del pending[obj]
                 if status == "error":

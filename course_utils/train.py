@@ -2,6 +2,8 @@
 
     python -m course_utils.train --model cnn --parallel none --steps 50 --json out.json
     python -m course_utils.train --model rnn --steps 200 --eval
+    python -m course_utils.train --model cnn --parallel ddp --nproc 2 --json out.json
+    torchrun --nproc-per-node 2 -m course_utils.train --model cnn --parallel ddp
 
 ``--batch-size`` is always the *global* batch: a data-parallel or pipeline run with the same batch
 and seed does the same arithmetic as ``--parallel none`` and reports the same per-step losses.
@@ -18,9 +20,7 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import torch
-
-from course_utils import data, hardware, loop, models
+from course_utils import data, hardware, models
 
 
 @dataclass
@@ -97,68 +97,100 @@ def validate(cfg: RunConfig) -> None:
             f"--parallel none runs one process; got --nproc {cfg.nproc} (use --parallel ddp)",
         ),
     ]
+    if cfg.parallel == "ddp" and cfg.nproc >= 1:
+        checks.append(
+            (
+                cfg.batch_size % cfg.nproc == 0,
+                f"--batch-size {cfg.batch_size} does not divide among --nproc {cfg.nproc} "
+                f"workers (use a multiple of {cfg.nproc})",
+            )
+        )
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
-    if cfg.parallel in ("ddp", "pipeline"):
-        raise UsageError(f"--parallel {cfg.parallel} is not implemented yet")
+    if cfg.parallel == "pipeline":
+        raise UsageError("--parallel pipeline is not implemented yet")
+
+
+def worker_main(cfg: RunConfig, progress: bool = False) -> dict | None:
+    """What each worker runs (inside its process group, if any); rank 0 returns the results."""
+    if cfg.parallel == "pipeline":
+        from course_utils import pipeline
+
+        return pipeline.train_worker(cfg)
+    from course_utils import ddp
+
+    return ddp.train_worker(cfg, progress=progress)
 
 
 def run_single(cfg: RunConfig, progress: bool = True) -> dict:
     """Train in this process (``--parallel none``) and return the results dict of the contract."""
-    torch.set_num_threads(cfg.threads_per_worker)
-    X, y = data.mnist("train")
-    X = models.prepare_input(cfg.model, X)
-    model = models.build(cfg.model, seed=cfg.seed)
-    optimizer = loop.make_optimizer(model, cfg.lr)
-    batches = data.batches(X, y, cfg.batch_size, cfg.steps, seed=cfg.seed)
-    history = loop.fit(
-        model,
-        optimizer,
-        batches,
-        cfg.steps,
-        batch_size=cfg.batch_size,
-        progress=progress,
-        desc=f"{cfg.model} (1 process)",
-    )
-    result = results(cfg, history, backend="none", device=str(hardware.device()))
-    if cfg.eval:
-        X_test, y_test = data.mnist("test")
-        result["test_accuracy"] = loop.evaluate(
-            model, models.prepare_input(cfg.model, X_test), y_test
-        )
-    return result
+    return _complete(cfg, worker_main(cfg, progress))
 
 
-def results(cfg: RunConfig, history: loop.History, backend: str, device: str) -> dict:
-    """The JSON object of the contract (``wall_s`` is filled in by :func:`main`)."""
-    return {
-        **{k: v for k, v in asdict(cfg).items() if k not in ("json", "eval")},
-        "threads": cfg.threads_per_worker,
-        "losses": history.losses,
-        "accuracies": history.accuracies,
-        "samples_per_s": history.samples_per_s,
-        "backend": backend,
-        "device": device,
-    }
+def _complete(cfg: RunConfig, result: dict) -> dict:
+    """The JSON object of the contract: the configuration, then rank 0's results."""
+    config = {k: v for k, v in asdict(cfg).items() if k not in ("json", "eval")}
+    return {**config, "threads": cfg.threads_per_worker, **result}
 
 
-def run(cfg: RunConfig, progress: bool = True) -> dict:
-    """Validate and run one configuration; the notebooks' and tests' way in."""
+def run(cfg: RunConfig, progress: bool = True, timeout: float = 24 * 3600) -> dict:
+    """Validate and run one configuration; the notebooks' and tests' way in.
+
+    ``--parallel none`` trains here; otherwise :func:`course_utils.launch.run` starts ``nproc``
+    workers (fork from a notebook, each with its process group and thread budget) and rank 0's
+    results come back. ``wall_s`` covers everything, start-up included."""
     start = time.perf_counter()
     validate(cfg)
-    result = run_single(cfg, progress=progress)
+    if cfg.parallel == "none":
+        result = run_single(cfg, progress=progress)
+    else:
+        from course_utils import launch
+
+        per_rank = launch.run(
+            worker_main,
+            cfg.nproc,
+            cfg,
+            progress,
+            threads=cfg.threads_per_worker,
+            timeout=timeout,
+        )
+        result = _complete(cfg, per_rank[0])
     result["wall_s"] = time.perf_counter() - start
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
+def _under_torchrun(cfg: RunConfig) -> int:
+    """Run as one worker of a ``torchrun`` job: ranks and rendezvous come from the environment
+    (env://); rank 0 prints and writes the JSON. Leaves through ``exit_cleanly``."""
+    from course_utils import launch
+
+    start = time.perf_counter()
+    me = launch.worker()
+    cfg.nproc = me.world_size  # torchrun decides the number of workers
+    code = 0
     try:
-        cfg = RunConfig(**vars(parser().parse_args(argv)))
-        result = run(cfg, progress=sys.stderr.isatty())
+        validate(cfg)
+        with launch.process_group():
+            result = worker_main(cfg, progress=me.is_main and sys.stderr.isatty())
+        if me.is_main:
+            result = _complete(cfg, result)
+            result["wall_s"] = time.perf_counter() - start
+            _report(cfg, result)
     except UsageError as err:
-        print(f"train: error: {err}", file=sys.stderr)
-        return 2
+        if me.is_main:
+            print(f"train: error: {err}", file=sys.stderr)
+        code = 2
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    launch.exit_cleanly(code)  # gloo can abort at interpreter exit after DDP: skip teardown
+    return code
+
+
+def _report(cfg: RunConfig, result: dict) -> None:
     summary = f"{cfg.model}: final loss {result['losses'][-1]:.4f}, "
     summary += f"{result['samples_per_s']:.0f} samples/s"
     if "test_accuracy" in result:
@@ -166,6 +198,27 @@ def main(argv: list[str] | None = None) -> int:
     print(summary)
     if cfg.json:
         write_json(cfg.json, result)
+
+
+def launch_env() -> bool:
+    """True in a process that torchrun (or another launcher) started as one worker of a job."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = RunConfig(**vars(parser().parse_args(argv)))
+    except UsageError as err:
+        print(f"train: error: {err}", file=sys.stderr)
+        return 2
+    if launch_env():  # started by torchrun (RANK, WORLD_SIZE set): this process is one worker
+        return _under_torchrun(cfg)
+    try:
+        result = run(cfg, progress=sys.stderr.isatty())
+    except UsageError as err:
+        print(f"train: error: {err}", file=sys.stderr)
+        return 2
+    _report(cfg, result)
     return 0
 
 
