@@ -1,0 +1,120 @@
+"""The ring all-reduce against dist.all_reduce; the ring's schedule; the alpha-beta fit; the probe."""
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from course_utils import collectives, launch
+
+SHAPES = [(1,), (7,), (1001,), (5, 13)]  # none divisible by 2, 3 or 4 ranks except by chance
+
+
+def ring_vs_builtin(shapes, seed):
+    """On each rank: random tensors, summed by the ring and by dist.all_reduce."""
+    rank = dist.get_rank()
+    out = []
+    for i, shape in enumerate(shapes):
+        g = torch.Generator().manual_seed(seed + 1000 * rank + i)  # different data on each rank
+        x = torch.randn(shape, generator=g)
+        ring, builtin = x.clone(), x.clone()
+        returned = collectives.ring_all_reduce(ring)
+        dist.all_reduce(builtin)
+        out.append((x, ring, builtin, returned is ring))
+    # a non-contiguous tensor (a transposed view) is summed in place too
+    base = torch.arange(12.0).reshape(3, 4) * (rank + 1)
+    view = base.T
+    collectives.ring_all_reduce(view)
+    out.append(base)
+    return out
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_ring_all_reduce_equals_dist_all_reduce(world_size):
+    results = launch.run(ring_vs_builtin, world_size, SHAPES, 7, timeout=60, threads=1)
+    inputs = [[case[0] for case in r[:-1]] for r in results]
+    for r in results:
+        for i, (x, ring, builtin, in_place) in enumerate(r[:-1]):
+            assert ring.shape == x.shape and in_place
+            torch.testing.assert_close(ring, builtin)
+            expected = sum(inputs[k][i] for k in range(world_size))  # not just "agrees with gloo"
+            torch.testing.assert_close(ring, expected)
+        factor = world_size * (world_size + 1) / 2  # sum over ranks of (rank + 1)
+        torch.testing.assert_close(r[-1], torch.arange(12.0).reshape(3, 4) * factor)
+
+
+def test_ring_all_reduce_is_a_no_op_on_one_rank():
+    def one():
+        x = torch.arange(5.0)
+        return collectives.ring_all_reduce(x.clone()), x
+
+    [(ring, x)] = launch.run(one, 1, timeout=30)
+    torch.testing.assert_close(ring, x)
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4, 5])
+def test_ring_schedule_ends_with_every_rank_holding_the_full_sum(world_size):
+    steps = collectives.ring_schedule(world_size)
+    assert len(steps) == 1 + 2 * (world_size - 1)
+    everyone = tuple(range(world_size))
+    after_rs = steps[world_size - 1]["state"]
+    for rank in range(world_size):  # reduce-scatter leaves chunk (rank + 1) % N complete on rank
+        complete = [c for c in range(world_size) if after_rs[rank][c] == everyone]
+        assert complete == [(rank + 1) % world_size]
+    assert all(chunk == everyone for row in steps[-1]["state"] for chunk in row)
+    for step in steps[1:]:  # each step, every rank sends exactly one chunk to its right
+        assert sorted((src, dst) for src, dst, _ in step["sends"]) == [
+            (r, (r + 1) % world_size) for r in range(world_size)
+        ]
+
+
+def test_ring_sends_two_n_minus_one_over_n_of_the_data():
+    assert collectives.ring_bytes_sent(1000, 2) == 1000
+    assert collectives.ring_bytes_sent(1000, 4) == 1500
+    steps = collectives.ring_schedule(4)
+    sends_per_rank = sum(1 for s in steps for src, _, _ in s["sends"] if src == 0)
+    assert sends_per_rank * 1000 / 4 == collectives.ring_bytes_sent(1000, 4)  # chunks of size/N
+
+
+def test_alpha_beta_fit_recovers_known_parameters():
+    alpha, beta, world_size = 30e-6, 2e9, 3
+    sizes = 1024 * 4 ** np.arange(9)  # 1 KB .. 64 MB
+    exact = collectives.ring_cost(sizes, world_size, alpha, beta)
+    fit = collectives.fit_alpha_beta(sizes, exact, world_size)
+    assert fit.world_size == world_size
+    assert fit.alpha_s == pytest.approx(alpha, rel=1e-6)
+    assert fit.beta_bytes_per_s == pytest.approx(beta, rel=1e-6)
+    np.testing.assert_allclose(fit.predict(sizes), exact, rtol=1e-6)
+
+    noisy = exact * np.random.default_rng(0).uniform(0.9, 1.1, size=len(sizes))  # ±10% noise
+    fit = collectives.fit_alpha_beta(sizes, noisy, world_size)
+    assert fit.alpha_s == pytest.approx(alpha, rel=0.2)
+    assert fit.beta_bytes_per_s == pytest.approx(beta, rel=0.2)
+    with pytest.raises(ValueError):
+        collectives.fit_alpha_beta(sizes, exact, 1)
+
+
+def test_ring_cost_formula():
+    # 4 ranks: 6 messages of latency, and 1.5 x the bytes through the link
+    assert collectives.ring_cost(4e6, 4, alpha=1e-5, beta=1e9) == pytest.approx(6e-5 + 6e-3)
+
+
+def probe(sizes):
+    return collectives.bandwidth_probe(sizes, repeats=2, op=("all_reduce", "ring"))
+
+
+def test_bandwidth_probe_returns_the_same_rows_on_every_rank():
+    sizes = [1024, 4096, 1 << 20]
+    results = launch.run(probe, 2, sizes, timeout=60, threads=1)
+    assert results[0] == results[1]  # the slowest rank's times, shared
+    rows = results[0]
+    assert [(r["op"], r["bytes"]) for r in rows] == [
+        (op, b) for op in ("all_reduce", "ring") for b in sizes
+    ]
+    for row in rows:
+        assert len(row["samples"]) == 2 and row["seconds"] == pytest.approx(
+            np.median(row["samples"])
+        )
+        assert 0 < row["seconds"] < 10
+    with pytest.raises(launch.WorkerError, match="unknown op"):
+        launch.run(collectives.bandwidth_probe, 2, sizes, 1, "broadcast", timeout=30)
