@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: lab test lint unit notebooks course bench clean
+.PHONY: lab test lint unit e2e notebooks course bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,8 @@ LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
 lab: $(STAMP)
 	$(BIN)/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
 
-# What CI runs (.ci/run): lint, unit tests and every notebook under nbval, in fast mode.
+# What CI runs (.ci/run): lint, unit tests, the browser test (tests/e2e; skipped, with the
+# reason, where Chromium is missing) and every notebook under nbval, in fast mode.
 test: $(STAMP)
 	$(BIN)/ruff check .
 	COURSE_FAST=1 $(BIN)/pytest --nbval-lax --durations=15 tests notebooks
@@ -28,7 +29,14 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 unit: $(STAMP)
-	COURSE_FAST=1 $(BIN)/pytest tests
+	COURSE_FAST=1 $(BIN)/pytest tests --ignore=tests/e2e
+
+# The widgets as a learner uses them: JupyterLab in headless Chromium, driven by Playwright
+# (Debian's `chromium` package; no browser download). Screenshots go to build/e2e/.
+e2e: $(STAMP)
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	    { echo "make e2e needs Chromium on PATH (Debian/Ubuntu: apt-get install chromium)" >&2; exit 1; }
+	COURSE_FAST=1 $(BIN)/pytest -v --durations=5 tests/e2e
 
 notebooks: $(STAMP)
 	COURSE_FAST=1 $(BIN)/pytest --nbval-lax notebooks

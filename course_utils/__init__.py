@@ -13,7 +13,17 @@ from course_utils import data, hardware, loop, models
 
 __all__ = ["data", "hardware", "loop", "models", "FAST", "pick"]
 
-_LAZY = {"plots", "widgets", "train", "launch", "collectives", "ddp", "pipeline"}
+_LAZY = {
+    "plots",
+    "widgets",
+    "train",
+    "launch",
+    "collectives",
+    "ddp",
+    "pipeline",
+    "scaling",
+    "faq",
+}
 
 # The one setting read from the environment: CI sets COURSE_FAST=1 so that every notebook runs
 # in seconds. Lessons use pick(full, fast) for their sizes.

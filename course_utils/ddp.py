@@ -178,3 +178,41 @@ def _merged(before: loop.History, run: loop.History) -> loop.History:
         accuracies=before.accuracies + run.accuracies,
         step_times=before.step_times + run.step_times,
     )
+
+
+# --- measuring what synchronisation costs (lesson 05, benchmarks/bench_ddp.py) ---------------------
+
+
+def time_sync(model_name: str, batch_size: int, num_steps: int = 10, seed: int = 0) -> dict:
+    """Seconds per DDP training step with the gradient all-reduce and without it (``no_sync``),
+    steps alternating so that a noisy machine affects both alike; run it on every rank.
+
+    Returns, on every rank, the medians ``synced_s``, ``no_sync_s`` and ``data_s`` (cutting this
+    rank's shard out of the global batch), the slowest rank's of each."""
+    import statistics
+    import time
+    from contextlib import nullcontext
+
+    me = launch.worker()
+    X, y = data.mnist("train")
+    X = models.prepare_input(model_name, X)
+    model = models.build(model_name, seed=seed).to(me.device)
+    trained = DistributedDataParallel(model)
+    optimizer = loop.make_optimizer(model, lr=0.01)
+    times = {"synced_s": [], "no_sync_s": [], "data_s": []}
+    for step in range(2 * num_steps + 2):  # the first pair warms up and is not counted
+        start = time.perf_counter()
+        idx = data.shard(data.batch_indices(len(X), batch_size, step, seed), me.rank, me.world_size)
+        X_shard, y_shard = X[idx].to(me.device), y[idx].to(me.device)  # (B / world_size, ...)
+        loaded = time.perf_counter()
+        synced = step % 2 == 0
+        with nullcontext() if synced else trained.no_sync():
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(trained(X_shard), y_shard).backward()
+        optimizer.step()  # without sync the replicas drift apart: fine for timing only
+        if step >= 2:
+            times["data_s"].append(loaded - start)
+            times["synced_s" if synced else "no_sync_s"].append(time.perf_counter() - loaded)
+    medians = torch.tensor([statistics.median(times[k]) for k in times], dtype=torch.float64)
+    dist.all_reduce(medians, op=dist.ReduceOp.MAX)
+    return dict(zip(times, medians.tolist()))

@@ -15,6 +15,12 @@ How it works, and why:
   pickled for ``spawn``, but a forked child already has it in memory, and forking a kernel that has
   imported torch takes ~0.1 s. Fork is unsafe once CUDA is initialised in the caller: then the
   launcher spawns, and the function must live in a ``.py`` module (it says so if not).
+- **A forked worker gets one thread, or is spawned.** PyTorch's CPU build uses GNU OpenMP, whose
+  thread pool does not survive ``fork``: a forked child that runs a parallel region with more than
+  one thread, after its parent has used the pool, hangs for ever. So a launch that wants more than
+  one thread per worker spawns (fresh interpreters, ~2 s more) when ``fn`` is importable, and
+  otherwise forks with one thread per worker and says so once. (As with any spawn, a script that
+  launches needs the ``if __name__ == "__main__":`` guard.)
 - **Forked workers start warm.** ``DistributedDataParallel`` imports ``torch._dynamo`` the first
   time it is built, ~1 s. The launcher imports it once in the caller, so forked workers inherit it
   and a DDP launch takes ~0.05 s instead of ~1 s every time.
@@ -195,10 +201,29 @@ def _child(fn, args, kwargs, env, threads, init_group, group_timeout_s, conn) ->
     exit_cleanly(0 if status == "ok" else 1)
 
 
+def _name(fn: Callable) -> str:
+    return getattr(fn, "__qualname__", repr(fn))
+
+
+def _importable(fn: Callable) -> bool:
+    """Can a spawned interpreter find ``fn`` by importing its module?"""
+    module = getattr(fn, "__module__", None)
+    return module not in (None, "__main__") and "<locals>" not in _name(fn)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
 def _check_spawnable(fn: Callable) -> None:
-    if getattr(fn, "__module__", None) == "__main__" or "<locals>" in fn.__qualname__:
+    if not _importable(fn):
         raise RuntimeError(
-            f"{fn.__qualname__} is defined in a notebook or script, and CUDA is already "
+            f"{_name(fn)} is defined in a notebook or script, and CUDA is already "
             "initialised in this process, so workers can't be forked and the function can't be "
             "pickled for spawn. Move it into a .py module (and import it), or restart the kernel "
             "and launch before touching CUDA."
@@ -234,7 +259,8 @@ def run(
 
     With ``init_group`` (the default) each worker's default process group is ready when ``fn``
     starts (``dist.get_rank()`` etc. work) and destroyed after. ``threads``: torch threads per
-    worker (default cores // nproc, at least 1). ``use_gpu``: default, when there are at least
+    worker (default cores // nproc, at least 1; a forked worker of a notebook function gets 1, see
+    the module docstring). ``use_gpu``: default, when there are at least
     ``nproc`` GPUs. Raises :class:`WorkerError` (first failure) or :class:`LaunchTimeout`.
     """
     global _warned_oversubscribe
@@ -250,8 +276,22 @@ def run(
         )
     if use_gpu is None:
         use_gpu = hardware.num_gpus() >= nproc
+    asked_for_threads = threads is not None
     threads = threads or hardware.threads_per_worker(nproc)
     method = start_method()
+    if method == "fork" and threads > 1:  # see "A forked worker gets one thread" above
+        if _importable(fn):
+            method = "spawn"
+        else:
+            threads = 1
+            if asked_for_threads:
+                _warn_once(
+                    "threads",
+                    f"{_name(fn)} is defined in a notebook (or inside a function), so its "
+                    "workers are forked, and a forked worker must run with 1 thread (OpenMP's "
+                    "thread pool does not survive fork). Move it into a .py module to give each "
+                    "worker more threads.",
+                )
     if method == "spawn":
         _check_spawnable(fn)
     else:

@@ -300,6 +300,8 @@ def measurements(
         ax.legend()
     fig.tight_layout()
     return fig
+
+
 # --- lesson 03: kinds of parallelism, memory models, scaling laws, timings ---------------------
 
 
@@ -581,37 +583,6 @@ def scaling_laws(
     return fig
 
 
-def timing_bars(
-    labels: Sequence[str],
-    seconds: Sequence[float],
-    title: str | None = None,
-    baseline: int = 0,
-    ax=None,
-):
-    """Wall-clock seconds as bars, each labelled with its speedup over bar ``baseline``."""
-    fig, ax = _axes(ax, figsize=(6, 3.6))
-    seconds = np.asarray(seconds, dtype=float)
-    bars = ax.bar(
-        labels,
-        seconds,
-        color=[_WORKER_COLORS[i % 4] for i in range(len(labels))],
-        edgecolor="black",
-    )
-    for bar, s in zip(bars, seconds):
-        ax.text(
-            bar.get_x() + bar.get_width() / 2,
-            s,
-            f"{s:.2f} s\n{seconds[baseline] / s:.2f}×",
-            ha="center",
-            va="bottom",
-            fontsize=8,
-        )
-    ax.set(ylabel="seconds (lower is faster)", title=title, ylim=(0, seconds.max() * 1.3))
-    ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    return fig
-
-
 def scaling_law_curves(laws: dict, measured: dict[str, tuple[float, float]] | None = None, ax=None):
     """One parallel fraction, both laws on one axes: ``laws`` is :func:`course_utils.scaling.laws`'
     output (workers, amdahl, gustafson, limit); ``measured`` adds points ``{"label": (N, S)}``."""
@@ -683,10 +654,19 @@ def gantt(
     for e in events:
         start, width = _field(e, "start") * scale, (_field(e, "end") - _field(e, "start")) * scale
         kind, stage = _field(e, "kind"), _field(e, "stage")
-        ax.barh(stage, width, left=start, height=0.8, color=colors.get(kind, "gray"), edgecolor="white")
+        ax.barh(
+            stage, width, left=start, height=0.8, color=colors.get(kind, "gray"), edgecolor="white"
+        )
         if width > end / 60:  # label bars wide enough to read
-            ax.text(start + width / 2, stage, str(_field(e, "microbatch")), ha="center", va="center",
-                    fontsize=8, color="white")
+            ax.text(
+                start + width / 2,
+                stage,
+                str(_field(e, "microbatch")),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white",
+            )
     ax.set_yticks(range(num_stages), [f"stage {s}" for s in range(num_stages)])
     ax.set_ylim(num_stages - 0.5, -0.5)  # stage 0 on top, as data flows downwards
     ax.set_xlim(0, end * 1.01)
@@ -714,8 +694,15 @@ def bubble(
         color = f"C{k}"
         ax.plot(microbatches, values, color=color, label=f"{label}: (p-1)/(m+p-1)")
         if simulated and label in simulated:
-            ax.plot(microbatches, simulated[label], "o", mfc="none", color=color, ms=9,
-                    label=f"{label}: simulated")
+            ax.plot(
+                microbatches,
+                simulated[label],
+                "o",
+                mfc="none",
+                color=color,
+                ms=9,
+                label=f"{label}: simulated",
+            )
         if measured and label in measured:
             pts = [(m, v) for m, v in zip(microbatches, measured[label]) if v is not None]
             if pts:
@@ -756,7 +743,10 @@ def collective_diagram(before, after, title: str | None = None, ax=None):
                 color = cmap(0.15 + 0.7 * norm(v))
                 ax.add_patch(plt.Rectangle((x0 + k, y), 0.95, 0.8, color=color))
                 text = f"{v:g}" if abs(v) < 1e4 else f"{v:.1e}"
-                ax.text(x0 + k + 0.47, y + 0.4, text, ha="center", va="center", fontsize=8)
+                ink = "white" if norm(v) > 0.6 else "black"  # readable on dark cells
+                ax.text(
+                    x0 + k + 0.47, y + 0.4, text, ha="center", va="center", fontsize=8, color=ink
+                )
     for rank in range(num_ranks):
         ax.text(-0.2, num_ranks - 1 - rank + 0.4, f"rank {rank}", ha="right", va="center")
     mid = width_before + gap / 2
@@ -948,7 +938,9 @@ def ddp_timeline(events: Sequence[dict], backward_s: float, title: str | None = 
         width = max((e["end"] - e["start"]) * 1e3, backward_s * 1e3 / 200)
         ax.barh(i, width, left=e["start"] * 1e3, height=0.6, color="tab:blue", alpha=0.8)
         ax.text(e["end"] * 1e3, i, f"  {e['name']}", va="center", fontsize=7)
-    ax.set_yticks(range(len(buckets) + 1), ["gradients ready"] + [f"bucket {i}" for i in range(len(buckets))])
+    ax.set_yticks(
+        range(len(buckets) + 1), ["gradients ready"] + [f"bucket {i}" for i in range(len(buckets))]
+    )
     ax.set_ylim(len(buckets) + 0.7, -0.9)
     end = max([backward_s] + [e["end"] for e in events]) * 1e3
     ax.set_xlim(0, end * 1.35)
@@ -967,8 +959,7 @@ def speedup_bars(
     ax=None,
 ):
     """Wall-clock times as bars, in ms or s (whichever reads better), each labelled with its time and
-    its speedup over bar ``baseline`` (lesson 03). Supersedes ``timing_bars``, which printed
-    sub-second times as "0.00 s"."""
+    its speedup over bar ``baseline`` (lesson 03)."""
     fig, ax = _axes(ax, figsize=(6, 3.6))
     seconds = np.asarray(seconds, dtype=float)
     scale, unit = (1e3, "ms") if seconds.max() < 1 else (1.0, "s")
@@ -986,5 +977,52 @@ def speedup_bars(
         )
     ax.set(ylabel=f"{unit} (lower is faster)", title=title, ylim=(0, values.max() * 1.3))
     ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
+
+
+def decision_map(
+    xs: Sequence[float],
+    ys: Sequence[float],
+    choices: Sequence[Sequence[str]],
+    xlabel: str,
+    ylabel: str,
+    title: str | None = None,
+    marks: dict | None = None,
+    ax=None,
+):
+    """Which strategy wins where (lesson 07's decision guide): ``choices[i][j]`` is the label at
+    ``(xs[j], ys[i])``, one colour per label, both axes logarithmic; ``marks`` ``{"name": (x, y)}``
+    places named points (e.g. this machine) on the map."""
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    fig, ax = _axes(ax, figsize=(7, 4.5))
+    order = ["data", "pipeline", "both", "does not fit"]
+    labels = [c for c in order if any(c in row for row in choices)]
+    labels += sorted({c for row in choices for c in row} - set(labels))
+    palette = ["tab:blue", "tab:orange", "tab:green", "lightgray", "tab:red", "tab:purple"]
+    colours = [palette[i % len(palette)] for i in range(len(labels))]
+    codes = np.array([[labels.index(c) for c in row] for row in choices])  # (len(ys), len(xs))
+    ax.pcolormesh(
+        xs,
+        ys,
+        codes,
+        cmap=ListedColormap(colours),
+        vmin=-0.5,
+        vmax=len(labels) - 0.5,
+        shading="nearest",
+    )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    for name, (x, y) in (marks or {}).items():
+        ax.plot([x], [y], "k*", markersize=12)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6))
+    ax.legend(
+        handles=[Patch(color=c, label=label) for c, label in zip(colours, labels)],
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+    )
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     fig.tight_layout()
     return fig

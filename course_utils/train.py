@@ -36,7 +36,7 @@ class RunConfig:
     seed: int = 0  # seeds the weights and the order of the batches
     threads: int | None = None  # torch threads per worker; default cores // nproc, at least 1
     microbatches: int = 4  # pipeline only: microbatches per global batch
-    schedule: str = "gpipe"  # pipeline only: "gpipe" or "1f1b"
+    schedule: str = "gpipe"  # pipeline only: "gpipe", "1f1b" or "interleaved1f1b"
     eval: bool = False  # report test accuracy at the end
     json: str | None = None  # write the results to this file
     checkpoint: str | None = None  # directory to save to and resume from
@@ -50,7 +50,7 @@ class RunConfig:
 CHOICES = {
     "model": sorted(models.MODELS),
     "parallel": ["none", "ddp", "pipeline"],
-    "schedule": ["gpipe", "1f1b"],
+    "schedule": ["gpipe", "1f1b", "interleaved1f1b"],
 }
 
 
@@ -109,7 +109,13 @@ def validate(cfg: RunConfig) -> None:
         if not ok:
             raise UsageError(message)
     if cfg.parallel == "pipeline":
-        raise UsageError("--parallel pipeline is not implemented yet")
+        from course_utils import pipeline
+
+        error = pipeline.config_error(
+            cfg.model, cfg.nproc, cfg.batch_size, cfg.microbatches, cfg.schedule
+        )
+        if error:
+            raise UsageError(error)
 
 
 def worker_main(cfg: RunConfig, progress: bool = False) -> dict | None:

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from conftest import ROOT
 
 from course_utils import launch
+from course_utils.loop import num_threads
 
 
 def _alive(pid: int) -> bool:
@@ -208,3 +209,23 @@ def test_thirty_ddp_launches_in_a_row_all_exit_cleanly():
         grads = launch.run(ddp_step, 2, timeout=60)
         assert grads[0] == pytest.approx(grads[1])
     assert _children() == []
+
+
+def conv_threads():
+    x, w = torch.randn(16, 8, 28, 28), torch.randn(16, 8, 5, 5)
+    torch.nn.functional.conv2d(x, w).sum()  # a parallel region in the worker
+    return torch.get_num_threads()
+
+
+def test_workers_wanting_threads_after_the_parent_used_openmp_do_not_hang(monkeypatch):
+    """GNU OpenMP's pool does not survive fork: a forked child with 2 threads would hang here."""
+    monkeypatch.setattr(launch, "_warned", set())
+    with num_threads(2):
+        torch.randn(256, 256) @ torch.randn(256, 256)  # the parent's pool is now in use
+        assert launch.run(conv_threads, 1, threads=2, init_group=False, timeout=60) == [2]
+
+        def in_a_notebook():  # can't be spawned: forked, with one thread, and a warning
+            return conv_threads()
+
+        with pytest.warns(UserWarning, match="must run with 1 thread"):
+            assert launch.run(in_a_notebook, 1, threads=2, init_group=False, timeout=60) == [1]

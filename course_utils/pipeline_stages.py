@@ -1,0 +1,253 @@
+"""Cutting the course's models into pipeline stages, and balancing the stages by measured time.
+
+A model is first cut into *units*, the smallest pieces a stage can hold, each a module that takes
+one tensor and returns one tensor (what travels between stages):
+
+- CNN: ``conv1 block | conv2, output channels 0-31 | conv2, channels 32-63 + ReLU + pool | fc``.
+  ``conv2`` does ~90% of the CNN's work, so cutting only between layers could never give two
+  balanced stages; its output channels are independent, so it is split in two halves, each on
+  its own unit. The first half passes its input along with its result, so that the second half
+  can compute its own channels (same arithmetic as the whole layer).
+- RNN: ``nn.RNN | fc``. The recurrent layer is one layer deep and its 28 time steps share one set
+  of weights, so there is no honest cut inside it: two stages, very unbalanced (see lesson 06).
+
+Every rank builds the full model from the same seed and keeps its own stage's units; parameters
+keep their full-model names (``origin``), so gradients and weights can be put back together.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class CNNBlock1(nn.Module):
+    """conv1 + ReLU + pool: (B, 1, 28, 28) -> (B, 32, 14, 14)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.conv1, self.pool = model.conv1, model.pool  # shared with the full model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(F.relu(self.conv1(x)))
+
+
+class Conv2Slice(nn.Module):
+    """Output channels ``lo:hi`` of the CNN's conv2. Input: conv2's input (32 channels) followed
+    by the channels computed so far; output: the same plus this slice's channels, or, for the
+    last slice, ReLU + pool of all 64 channels: (B, 64, 7, 7)."""
+
+    def __init__(self, model: nn.Module, lo: int, hi: int):
+        super().__init__()
+        conv = model.conv2
+        self.in_channels, self.last = conv.in_channels, hi == conv.out_channels
+        self.weight = nn.Parameter(conv.weight.detach()[lo:hi].clone())  # (hi-lo, 32, 5, 5)
+        self.bias = nn.Parameter(conv.bias.detach()[lo:hi].clone())
+        self.padding, self.pool = conv.padding, model.pool
+        self.origin = {"weight": ("conv2.weight", lo), "bias": ("conv2.bias", lo)}
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x, done = z[:, : self.in_channels], z[:, self.in_channels :]  # (B, 32, 14, 14), (B, lo, ..)
+        new = F.conv2d(x, self.weight, self.bias, padding=self.padding)  # (B, hi - lo, 14, 14)
+        out = torch.cat([done, new], dim=1)  # (B, hi, 14, 14)
+        return self.pool(F.relu(out)) if self.last else torch.cat([x, out], dim=1)
+
+
+class RNNBody(nn.Module):
+    """The recurrent layer, keeping the last time step: (B, T, 28) -> (B, hidden_size)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.rnn, self.hidden_size = model.rnn, model.hidden_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h0 = torch.zeros(self.rnn.num_layers, x.size(0), self.hidden_size, device=x.device)
+        out, _ = self.rnn(x, h0)  # (B, T, hidden_size)
+        return out[:, -1, :]
+
+
+class Head(nn.Module):
+    """The output layer: flatten, then fc: (B, ...) -> (B, 10) logits."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.fc = model.fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
+
+
+def units(name: str, model: nn.Module, conv2_split: int | None = None) -> list[nn.Module]:
+    """The smallest pieces ``model`` (``"cnn"`` or ``"rnn"``) can be cut into, in order. The
+    CNN's conv2 is split after output channel ``conv2_split`` (default: half of them)."""
+    if name == "cnn":
+        n = model.conv2.out_channels
+        k = conv2_split or n // 2
+        if not 0 < k < n:
+            raise ValueError(f"conv2_split must be in 1..{n - 1}, got {k}")
+        return [CNNBlock1(model), Conv2Slice(model, 0, k), Conv2Slice(model, k, n), Head(model)]
+    if name == "rnn":
+        return [RNNBody(model), Head(model)]
+    raise ValueError(f"unknown model {name!r}")
+
+
+def unit_names(name: str, conv2_split: int | None = None) -> list[str]:
+    """Names of the units of :func:`units`, for printing."""
+    if name == "cnn":
+        k = conv2_split or 32
+        return ["conv1 block", f"conv2 ch 0-{k - 1}", f"conv2 ch {k}-63 + pool", "fc"]
+    return ["nn.RNN", "fc"]
+
+
+UNIT_NAMES = {name: unit_names(name) for name in ("cnn", "rnn")}
+
+
+def max_stages(name: str) -> int:
+    """How many pipeline stages ``name`` can be cut into (one unit each)."""
+    return len(UNIT_NAMES[name])
+
+
+def balance(costs: list[float], num_stages: int) -> list[int]:
+    """Units per stage (contiguous, each at least one) minimising the slowest stage's cost."""
+    n = len(costs)
+    if not 1 <= num_stages <= n:
+        raise ValueError(f"{n} units can't make {num_stages} stages")
+    best = None
+    for cuts in itertools.combinations(range(1, n), num_stages - 1):
+        bounds = [0, *cuts, n]
+        slowest = max(sum(costs[a:b]) for a, b in itertools.pairwise(bounds))
+        if best is None or slowest < best[0]:
+            best = (slowest, [b - a for a, b in itertools.pairwise(bounds)])
+    return best[1]
+
+
+def plan(
+    name: str, costs: list[tuple[float, float]], num_stages: int, conv2_split: int | None = None
+) -> tuple[list[int], int | None]:
+    """Units per stage from per-unit (forward, backward) costs measured with conv2 split at
+    ``conv2_split`` (None: half-way), and that split. Half-way is kept because other splits
+    measured no better: CPU convolution kernels work on blocks of 16 channels, so the cost of a
+    slice rises in steps, and at 16 or 48 channels one of the two stages is clearly slower."""
+    return balance([f + b for f, b in costs], num_stages), conv2_split
+
+
+def split(
+    name: str, model: nn.Module, sizes: list[int], conv2_split: int | None = None
+) -> list[nn.Sequential]:
+    """The stages: ``sizes[s]`` consecutive units each (see :func:`balance` and :func:`plan`)."""
+    pieces = units(name, model, conv2_split)
+    if sum(sizes) != len(pieces) or min(sizes) < 1:
+        raise ValueError(f"sizes {sizes} do not cover the {len(pieces)} units of the {name}")
+    bounds = [0, *itertools.accumulate(sizes)]
+    return [nn.Sequential(*pieces[a:b]) for a, b in itertools.pairwise(bounds)]
+
+
+def even_sizes(name: str, num_stages: int) -> list[int]:
+    """A split that needs no measurement: units dealt out as evenly as their count allows."""
+    n = max_stages(name)
+    return [n // num_stages + (s < n % num_stages) for s in range(num_stages)]
+
+
+def unit_costs(
+    pieces: list[nn.Module], X: torch.Tensor, y: torch.Tensor, repeats: int = 3
+) -> list[tuple[float, float]]:
+    """Measured seconds of (forward, backward) of each unit on the batch ``(X, y)``, each the
+    median of ``repeats`` after one warm-up. Gradients it leaves behind are cleared."""
+    runs = []  # one list of (forward, backward) per repeat
+    for _ in range(repeats + 1):
+        inputs, outputs, times, h = [], [], [], X
+        for k, unit in enumerate(pieces):
+            h_in = h.detach().requires_grad_(k > 0)  # as a stage receives it
+            start = time.perf_counter()
+            h = unit(h_in)
+            times.append([time.perf_counter() - start, 0.0])
+            inputs.append(h_in)
+            outputs.append(h)
+        grad = None
+        for k in reversed(range(len(pieces))):
+            start = time.perf_counter()
+            if k == len(pieces) - 1:
+                F.cross_entropy(outputs[k], y).backward()
+            else:
+                outputs[k].backward(grad)
+            times[k][1] = time.perf_counter() - start
+            grad = inputs[k].grad
+        runs.append(times)
+    for unit in pieces:
+        unit.zero_grad(set_to_none=True)
+    runs = runs[1:]  # the first was a warm-up
+    return [
+        tuple(statistics.median(run[k][j] for run in runs) for j in range(2))
+        for k in range(len(pieces))
+    ]
+
+
+def stage_costs(
+    costs: list[tuple[float, float]], sizes: list[int]
+) -> tuple[list[float], list[float]]:
+    """Per-stage (forwards, backwards) from per-unit costs and the units per stage."""
+    bounds = [0, *itertools.accumulate(sizes)]
+    fwd = [sum(c[0] for c in costs[a:b]) for a, b in itertools.pairwise(bounds)]
+    bwd = [sum(c[1] for c in costs[a:b]) for a, b in itertools.pairwise(bounds)]
+    return fwd, bwd
+
+
+def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd keeps from ``module(x)`` until its backward, parameters excluded: the
+    activations one microbatch holds on this stage while it is in flight."""
+    params = {p.data_ptr() for p in module.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.data_ptr() not in params:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x.detach().requires_grad_())
+    return sum(storages.values())
+
+
+def boundary_shapes(stages: list[nn.Module], sample: torch.Tensor) -> list[tuple[int, ...]]:
+    """Shape of one sample's output of each stage (what it sends on), from a 1-sample forward."""
+    shapes, h = [], sample[:1]
+    with torch.no_grad():
+        for stage in stages:
+            h = stage(h)
+            shapes.append(tuple(h.shape[1:]))
+    return shapes
+
+
+def full_pieces(stage: nn.Module, grads: bool = False) -> list[tuple[str, int, torch.Tensor]]:
+    """This stage's parameters (or gradients) as (full-model name, first row, tensor)."""
+    pieces = []
+    for unit in _leaves(stage):
+        origin = getattr(unit, "origin", {})
+        for local, param in unit.named_parameters():
+            full, row = origin.get(local, (local, 0))
+            tensor = param.grad if grads else param.data
+            if tensor is not None:
+                pieces.append((full, row, tensor.detach().cpu().clone()))
+    return pieces
+
+
+def _leaves(module: nn.Module):
+    """The units inside nested Sequential/ModuleList containers (a stage, or a rank's stages)."""
+    if isinstance(module, (nn.Sequential, nn.ModuleList)):
+        for child in module.children():
+            yield from _leaves(child)
+    else:
+        yield module
+
+
+def assemble(pieces: list[tuple[str, int, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Full-model tensors by name from the pieces of all stages (slices joined along rows)."""
+    by_name: dict[str, list] = {}
+    for full, row, tensor in pieces:
+        by_name.setdefault(full, []).append((row, tensor))
+    return {k: torch.cat([t for _, t in sorted(v, key=lambda p: p[0])]) for k, v in by_name.items()}

@@ -1,0 +1,122 @@
+"""Lesson 05: the speedup panel, the sync-cost measurement, and the lesson's figures."""
+
+import os
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import course_utils as cu  # noqa: E402
+from course_utils import launch, train  # noqa: E402
+
+
+def counting_train(calls: list):
+    """The real training entry point, with a record of every configuration it was given."""
+
+    def run(cfg):
+        calls.append((cfg.model, cfg.nproc, cfg.batch_size, cfg.threads, cfg.parallel))
+        return train.run(cfg, progress=False)
+
+    return run
+
+
+def plotted_points(figure) -> set[tuple[float, float]]:
+    """(x, y) of every marker drawn on the speedup axes (the ideal line has no markers)."""
+    ax = figure.axes[0]
+    return {
+        (float(x), round(float(y), 6))
+        for line in ax.lines
+        if line.get_marker() not in (None, "None", "")
+        for x, y in zip(line.get_xdata(), line.get_ydata())
+    }
+
+
+def test_speedup_panel_runs_real_ddp_adds_a_plotted_point_and_caches_it():
+    calls: list = []
+    panel = cu.widgets.SpeedupPanel(batch_sizes=(32, 48), num_steps=3, train=counting_train(calls))
+    panel.controls["model"].value = "rnn"
+    panel.controls["nproc"].value = 2
+    panel.controls["batch_size"].value = 32
+    panel.run_button.click()
+    assert panel.last_error is None, panel.last_error
+    assert panel.status.value == "measured"
+    assert len(panel.results) == 1
+    point = panel.results[0]
+    assert (point["model"], point["nproc"], point["batch_size"]) == ("rnn", 2, 32)
+    # one baseline run (1 worker) and the 2-worker run, both real DDP runs with 1 thread each
+    assert sorted(calls) == [("rnn", 1, 32, 1, "ddp"), ("rnn", 2, 32, 1, "ddp")]
+    assert point["samples_per_s"] > 0 and point["baseline_samples_per_s"] > 0
+    assert point["speedup"] == pytest.approx(
+        point["samples_per_s"] / point["baseline_samples_per_s"]
+    )
+    assert point["efficiency"] == pytest.approx(point["speedup"] / 2)
+    assert (2.0, round(point["speedup"], 6)) in plotted_points(panel.figure)
+
+    panel.run_button.click()  # the same setting again: from the cache, no new run
+    assert panel.status.value == "cached" and len(panel.results) == 1 and len(calls) == 2
+
+    panel.controls["nproc"].value = 1  # 1 worker: the baseline already measured, no new run
+    panel.run_button.click()
+    assert len(panel.results) == 2 and len(calls) == 2
+    assert panel.results[1]["speedup"] == pytest.approx(1.0)
+    assert (1.0, 1.0) in plotted_points(panel.figure)
+    plt.close("all")
+
+
+def test_speedup_panel_shows_a_bad_setting_as_an_error_without_starting_workers():
+    calls: list = []
+    panel = cu.widgets.SpeedupPanel(batch_sizes=(32, 48), num_steps=3, train=counting_train(calls))
+    panel.controls["nproc"].value = 3
+    panel.controls["batch_size"].value = 32  # 32 does not divide among 3 workers
+    panel.run_button.click()
+    assert "error" in panel.status.value and "does not divide" in panel.status.value
+    assert "UsageError" in panel.last_error
+    assert panel.results == [] and calls == []
+    assert not panel.run_button.disabled  # the panel is usable again
+    plt.close("all")
+
+
+def test_time_sync_measures_both_kinds_of_step_and_agrees_across_ranks():
+    per_rank = launch.run(cu.ddp.time_sync, 2, "rnn", 32, 3, threads=1, timeout=120)
+    assert per_rank[0] == per_rank[1]  # the slowest rank's figures, on every rank
+    assert set(per_rank[0]) == {"synced_s", "no_sync_s", "data_s"}
+    assert all(v > 0 for v in per_rank[0].values())
+
+
+def test_speedup_plot_has_the_ideal_lines_and_shades_oversubscribed_workers():
+    points = [
+        {"label": "CNN", "nproc": 1, "speedup": 1.0},
+        {"label": "CNN", "nproc": 2, "speedup": 1.6},
+        {"label": "CNN", "nproc": 4, "speedup": 1.2},
+    ]
+    fig = cu.plots.speedup(points, cores=2)
+    speed_ax, eff_ax = fig.axes[:2]
+    ideal = speed_ax.lines[0]
+    np.testing.assert_allclose(ideal.get_xdata(), [1, 2, 3, 4])
+    np.testing.assert_allclose(ideal.get_ydata(), [1, 2, 3, 4])
+    np.testing.assert_allclose(eff_ax.lines[0].get_ydata(), [100] * 4)
+    np.testing.assert_allclose(eff_ax.lines[1].get_ydata(), [100, 80, 30])  # speedup / N, in %
+    assert any(p.get_label() == "oversubscribed" for p in speed_ax.patches)
+    plt.close(fig)
+
+
+def test_sample_orders_and_ddp_timeline_draw_what_they_are_given():
+    orders = np.arange(12).reshape(3, 4)
+    fig = cu.plots.sample_orders({"a": orders, "b": orders[::-1]})
+    np.testing.assert_array_equal(fig.axes[0].images[0].get_array(), orders)
+    plt.close(fig)
+    events = [
+        {"kind": "grad", "name": "fc.weight", "start": 0.001, "end": 0.001},
+        {"kind": "allreduce", "name": "bucket of fc", "start": 0.001, "end": 0.004},
+        {"kind": "allreduce", "name": "bucket of conv", "start": 0.005, "end": 0.006},
+    ]
+    fig = cu.plots.ddp_timeline(events, backward_s=0.005)
+    bars = [p for p in fig.axes[0].patches if p.get_height() == pytest.approx(0.6)]
+    assert [round(b.get_x(), 6) for b in bars] == [1.0, 5.0]  # in ms, one bar per bucket
+    plt.close(fig)

@@ -1,0 +1,289 @@
+"""Pipeline parallelism (lesson 06): schedules on paper, stages of the models, and real pipelines
+(hand-written and torch.distributed.pipelining) against one process.
+
+Workers are launched with threads=1: this process runs torch ops itself, and a forked worker
+that then used several OpenMP threads could hang (GNU OpenMP is not fork-safe)."""
+
+import os
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import course_utils as cu  # noqa: E402
+from course_utils import pipeline  # noqa: E402
+from course_utils.train import RunConfig  # noqa: E402
+
+SETTINGS = [(s, p, m) for s in pipeline.SCHEDULES for p in (1, 2, 3, 4) for m in (1, 2, 3, 4, 8)]
+
+
+# --- schedules on paper -----------------------------------------------------------------------
+
+
+def check_timeline(events, num_stages, num_microbatches):
+    """Every (stage, microbatch) has one F and one B, in dependency order, without overlaps."""
+    ev = {(e.kind, e.stage, e.microbatch): e for e in events}
+    assert len(ev) == len(events) == 2 * num_stages * num_microbatches  # each exactly once
+    for s in range(num_stages):
+        for i in range(num_microbatches):
+            assert ev["F", s, i].end <= ev["B", s, i].start  # forward before its backward
+            if s > 0:  # activations flow down, gradients flow up
+                assert ev["F", s - 1, i].end <= ev["F", s, i].start
+            if s < num_stages - 1:
+                assert ev["B", s + 1, i].end <= ev["B", s, i].start
+        mine = sorted((e for e in events if e.stage == s), key=lambda e: e.start)
+        assert all(a.end <= b.start for a, b in zip(mine, mine[1:]))  # one op at a time
+
+
+@pytest.mark.parametrize("schedule,p,m", SETTINGS)
+def test_schedule_is_valid_and_its_bubble_is_the_formula(schedule, p, m):
+    for forward, backward in ((1, 1), (1, 2)):
+        events = pipeline.simulate(schedule, p, m, forward, backward)
+        check_timeline(events, p, m)
+        assert pipeline.makespan(events) == pytest.approx((m + p - 1) * (forward + backward))
+        assert pipeline.bubble_fraction(events, p) == pytest.approx(pipeline.bubble_formula(p, m))
+    grid = pipeline.table(schedule, p, m)
+    assert len(grid) == p and all(len(row) == 2 * (m + p - 1) for row in grid)
+    for s, row in enumerate(grid):
+        assert sorted(c for c in row if c) == sorted(f"{k}{i}" for k in "FB" for i in range(m))
+        assert row.index("F0") == s  # microbatch 0 reaches stage s after s slots
+    expected = [m] * p if schedule == "gpipe" else [min(p - s, m) for s in range(p)]
+    assert pipeline.peak_in_flight(schedule, p, m) == expected
+
+
+def test_unequal_stages_and_communication():
+    # p = 2, m = 1: F on stage 0, send, F on 1, B on 1, send, B on 0, all in a row.
+    events = pipeline.simulate("gpipe", 2, 1, forward=[1, 2], backward=[3, 4], comm=0.5)
+    assert pipeline.makespan(events) == pytest.approx(1 + 0.5 + 2 + 4 + 0.5 + 3)
+    check_timeline(events, 2, 1)
+    # With m microbatches the slowest stage sets the pace: makespan >= m * its time.
+    events = pipeline.simulate("1f1b", 2, 8, forward=[1, 3], backward=[1, 3])
+    assert pipeline.makespan(events) >= 8 * 6
+    check_timeline(events, 2, 8)
+
+
+# --- stages of the models ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["cnn", "rnn"])
+def test_units_compose_to_the_model(name):
+    model = cu.models.build(name, seed=0)
+    X = cu.models.prepare_input(name, cu.data.mnist("train", limit=8)[0])
+    pieces = pipeline.units(name, model)
+    assert len(pieces) == pipeline.max_stages(name) == len(pipeline.UNIT_NAMES[name])
+    for sizes in ([len(pieces)], pipeline.even_sizes(name, len(pieces))):
+        h = X
+        for stage in pipeline.split(name, model, sizes):
+            h = stage(h)
+        torch.testing.assert_close(h, model(X), rtol=1e-5, atol=1e-5)
+    stages = pipeline.split(name, model, pipeline.even_sizes(name, 2))
+    state = pipeline.assemble([p for s in stages for p in pipeline.full_pieces(s)])
+    assert state.keys() == model.state_dict().keys()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(state[k], v)
+    shapes = pipeline.boundary_shapes(stages, X)
+    assert shapes[-1] == (10,)
+
+
+def test_a_conv2_split_anywhere_is_still_the_model():
+    costs = [(10.0, 10.0), (8.5, 8.5), (13.5, 13.5), (0.5, 0.5)]
+    assert pipeline.plan("cnn", costs, 2) == ([2, 2], None)
+    model = cu.models.build("cnn", seed=0)
+    X = cu.data.mnist("train", limit=4)[0]
+    for split in (8, 24, 48):
+        h = X
+        for stage in pipeline.split("cnn", model, [2, 2], conv2_split=split):
+            h = stage(h)
+        torch.testing.assert_close(h, model(X), rtol=1e-5, atol=1e-5)
+    assert pipeline.unit_names("cnn", 24)[1:3] == ["conv2 ch 0-23", "conv2 ch 24-63 + pool"]
+
+
+def test_balance_minimises_the_slowest_stage():
+    assert pipeline.balance([1, 5, 5, 1], 2) == [2, 2]
+    assert pipeline.balance([8, 1, 1, 1], 2) == [1, 3]
+    assert pipeline.balance([1, 1, 1, 1], 4) == [1, 1, 1, 1]
+    with pytest.raises(ValueError):
+        pipeline.balance([1, 1], 3)
+    costs = pipeline.unit_costs(
+        pipeline.units("cnn", cu.models.build("cnn", seed=0)), *cu.data.mnist("train", limit=16)
+    )
+    assert len(costs) == 4 and all(f > 0 and b > 0 for f, b in costs)
+
+
+def test_saved_bytes_counts_activations_not_weights():
+    model = cu.models.build("cnn", seed=0)
+    head = pipeline.units("cnn", model)[-1]  # flatten + fc: autograd keeps fc's input
+    x = torch.randn(16, 64, 7, 7)
+    assert pipeline.saved_bytes(head, x) == x.numel() * 4
+
+
+def test_config_errors():
+    ok = dict(model="cnn", nproc=2, batch_size=64, microbatches=4, schedule="1f1b")
+    assert pipeline.config_error(**ok) is None
+    assert "at most 4 pipeline stages" in pipeline.config_error(**{**ok, "nproc": 5})
+    assert "at most 2" in pipeline.config_error(**{**ok, "model": "rnn", "nproc": 3})
+    assert "does not divide" in pipeline.config_error(**{**ok, "microbatches": 5})
+    assert "at least 1" in pipeline.config_error(**{**ok, "microbatches": 0})
+    assert "1f1b needs" in pipeline.config_error(**{**ok, "nproc": 4, "microbatches": 2})
+    assert (
+        pipeline.config_error(**{**ok, "nproc": 4, "microbatches": 2, "schedule": "gpipe"}) is None
+    )
+    assert "--schedule" in pipeline.config_error(**{**ok, "schedule": "zb"})
+
+
+# --- real pipelines against one process ---------------------------------------------------------
+
+
+def one_step(name, sizes, m, schedule, engine, batch_size, conv2_split=None):
+    """Worker: one batch forward and backward through the pipeline; loss (last stage), the full
+    model's gradients (rank 0) and this rank's timeline."""
+    pipe = pipeline.Pipeline(name, sizes, m, schedule, engine, seed=0, conv2_split=conv2_split)
+    X, y = cu.data.mnist("train")
+    X, y = next(cu.data.batches(cu.models.prepare_input(name, X), y, batch_size, 1, seed=0))
+    pipe.events = []
+    loss, _ = pipe.step_fn(None, torch.optim.SGD(pipe.stage.parameters(), lr=0.0), X, y)
+    return float(loss), pipe.full_grads(), pipe.events
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:4 workers on")  # 4 stages on fewer cores: still exact
+@pytest.mark.parametrize("engine", pipeline.ENGINES)
+@pytest.mark.parametrize("schedule", pipeline.SCHEDULES)
+@pytest.mark.parametrize("name,sizes", [("cnn", [2, 2]), ("rnn", [1, 1]), ("cnn", [1, 1, 1, 1])])
+def test_pipeline_equals_one_process(name, sizes, schedule, engine):
+    if len(sizes) == 4 and engine == "hand":
+        pytest.skip("4 stages: one engine is enough")
+    batch_size, m = 32, 4
+    model = cu.models.build(name, seed=0)
+    X, y = cu.data.mnist("train")
+    X, y = next(cu.data.batches(cu.models.prepare_input(name, X), y, batch_size, 1, seed=0))
+    loss = F.cross_entropy(model(X), y)
+    loss.backward()
+    split = 24 if name == "cnn" else None  # any split of conv2 computes the same
+    results = cu.launch.run(
+        one_step, len(sizes), name, sizes, m, schedule, engine, batch_size, split, threads=1
+    )
+    assert results[-1][0] == pytest.approx(loss.item(), rel=1e-5)
+    grads = results[0][1]
+    assert grads.keys() == dict(model.named_parameters()).keys()
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(grads[k], p.grad, rtol=1e-4, atol=1e-6)
+    for rank, (_, _, events) in enumerate(results):  # the order run is the schedule's order
+        ran = [(e.kind, e.microbatch) for e in sorted(events, key=lambda e: e.start)]
+        assert ran == pipeline.stage_order(schedule, len(sizes), m, rank)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,schedule", [("cnn", "gpipe"), ("rnn", "1f1b")])
+def test_train_worker_matches_parallel_none(name, schedule):
+    none = cu.train.run(RunConfig(model=name, steps=4, batch_size=32, eval=True), progress=False)
+    cfg = RunConfig(
+        model=name,
+        parallel="pipeline",
+        nproc=2,
+        steps=4,
+        batch_size=32,
+        microbatches=4,
+        schedule=schedule,
+        eval=True,
+    )
+    result, other = cu.launch.run(pipeline.train_worker, 2, cfg, threads=1)
+    assert other is None
+    np.testing.assert_allclose(result["losses"], none["losses"], rtol=1e-4)
+    np.testing.assert_allclose(result["accuracies"], none["accuracies"])
+    assert result["test_accuracy"] == pytest.approx(none["test_accuracy"], abs=2e-3)
+    assert result["samples_per_s"] > 0 and sum(result["stage_sizes"]) == pipeline.max_stages(name)
+
+
+@pytest.mark.slow
+def test_profile_worker_records_every_rank():
+    result, _ = cu.launch.run(
+        pipeline.profile_worker, 2, "cnn", 4, "1f1b", "torch", 32, 2, threads=1
+    )
+    check_timeline(result["events"], 2, 4)
+    assert result["samples_per_s"] > 0 and len(result["losses"]) == 2
+    assert 0 <= pipeline.bubble_fraction(result["events"], 2) < 1
+
+
+# --- plots and the widget ---------------------------------------------------------------------
+
+
+def test_gantt_draws_one_bar_per_event():
+    events = pipeline.simulate("1f1b", 3, 4)
+    fig = cu.plots.gantt(events, unit="slot")
+    assert len(fig.axes[0].patches) == len(events)
+    fig = cu.plots.bubble(
+        [1, 2, 4], {"p = 2": [0.5, 0.33, 0.2]}, measured={"p = 2": [0.6, None, 0.3]}
+    )
+    assert len(fig.axes[0].lines) == 2
+
+
+def test_pipeline_panel_simulates_on_change_and_runs_on_click():
+    calls = []
+
+    def fake_launch(stages, microbatches, schedule, engine):
+        calls.append((stages, microbatches, schedule, engine))
+        events = pipeline.simulate(schedule, stages, microbatches, 1e-3, 2e-3)
+        return {"samples_per_s": 100.0 * stages, "events": events}
+
+    panel = cu.widgets.PipelinePanel("cnn", batch_size=16, baseline=100.0, launch=fake_launch)
+    assert "p=2" in panel.figure.axes[0].get_title() and not calls  # simulated, nothing run
+    panel.controls["microbatches"].value = 8
+    assert "m=8" in panel.figure.axes[0].get_title() and not calls  # redrawn at once
+    panel.controls["schedule"].value = "1f1b"
+    panel.run_button.click()
+    assert panel.last_error is None, panel.last_error
+    assert calls == [(2, 8, "1f1b", "torch")]
+    assert panel.results[-1]["speedup"] == pytest.approx(2.0)
+    assert panel.results[-1]["bound"] == pytest.approx(16 / 9)
+    assert "measured" in panel.figure.axes[1].get_title()
+    panel.run_button.click()  # cached
+    assert len(calls) == 1 and panel.status.value == "cached"
+    panel.controls["stages"].value = 4
+    panel.controls["microbatches"].value = 2
+    panel.run_button.click()  # 1F1B needs m >= p with torch: shown in the panel, not run
+    assert "1f1b needs" in panel.last_error and len(calls) == 1
+
+
+@pytest.mark.slow
+def test_pipeline_panel_real_run():
+    panel = cu.widgets.PipelinePanel("rnn", batch_size=32, num_steps=2)
+    panel.controls["microbatches"].value = 2
+    panel.controls["engine"].value = "hand"
+    panel.run_button.click()
+    assert panel.last_error is None, panel.last_error
+    result = panel.results[-1]
+    assert result["samples_per_s"] > 0 and result["speedup"] > 0
+    check_timeline(result["events"], 2, 2)
+
+
+@pytest.mark.slow
+def test_interleaved_1f1b_equals_one_process():
+    # 4 stages on 2 ranks: rank 0 holds stages 0 and 2, rank 1 stages 1 and 3.
+    batch_size, m = 32, 4
+    model = cu.models.build("cnn", seed=0)
+    X, y = cu.data.mnist("train")
+    X, y = next(cu.data.batches(X, y, batch_size, 1, seed=0))
+    loss = F.cross_entropy(model(X), y)
+    loss.backward()
+    results = cu.launch.run(
+        one_step, 2, "cnn", [1, 1, 1, 1], m, "interleaved1f1b", "torch", 32, threads=1
+    )
+    assert results[-1][0] == pytest.approx(loss.item(), rel=1e-5)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(results[0][1][k], p.grad, rtol=1e-4, atol=1e-6)
+    assert sorted((e.kind, e.microbatch) for e in results[0][2]) == sorted(
+        (k, i)
+        for k in "FB"
+        for i in range(m)
+        for _ in range(2)  # each microbatch on 2 stages
+    )
+    assert "2 stages per worker" in pipeline.config_error("rnn", 2, 32, 4, "interleaved1f1b")
+    assert pipeline.config_error("cnn", 2, 32, 4, "interleaved1f1b") is None

@@ -1,0 +1,146 @@
+"""Lesson 03: Amdahl's and Gustafson's laws, the Karp-Flatt metric, their panel and figures."""
+
+import math
+import os
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import course_utils as cu  # noqa: E402
+from course_utils import scaling  # noqa: E402
+
+
+def test_amdahl_known_values():
+    assert scaling.amdahl(0.5, 2) == pytest.approx(4 / 3)  # 1 / (0.5 + 0.25)
+    assert scaling.amdahl(0.9, 10) == pytest.approx(1 / 0.19)  # 5.263...
+    assert scaling.amdahl(0.95, 20) == pytest.approx(1 / (0.05 + 0.0475))
+    assert scaling.amdahl(1.0, 8) == pytest.approx(8.0)  # all parallel: ideal
+    assert scaling.amdahl(0.0, 8) == pytest.approx(1.0)  # all serial: no gain
+
+
+def test_gustafson_known_values():
+    assert scaling.gustafson(0.5, 2) == pytest.approx(1.5)
+    assert scaling.gustafson(0.9, 10) == pytest.approx(9.1)
+    assert scaling.gustafson(1.0, 8) == pytest.approx(8.0)
+    assert scaling.gustafson(0.0, 8) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.9, 0.99, 1.0])
+def test_one_worker_is_no_speedup(p):
+    assert scaling.amdahl(p, 1) == pytest.approx(1.0)
+    assert scaling.gustafson(p, 1) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5, 0.9, 0.95])
+def test_amdahl_tends_to_its_ceiling(p):
+    ceiling = 1 / (1 - p)
+    assert scaling.max_speedup(p) == pytest.approx(ceiling)
+    assert scaling.amdahl(p, math.inf) == pytest.approx(ceiling)
+    assert scaling.amdahl(p, 1e9) == pytest.approx(ceiling, rel=1e-6)
+    workers = np.arange(1, 200)
+    speedups = scaling.amdahl(p, workers)
+    assert np.all(np.diff(speedups) >= 0) and np.all(speedups <= ceiling + 1e-12)
+    assert scaling.max_speedup(1.0) == math.inf
+
+
+def test_gustafson_is_never_below_amdahl():
+    # Same p, same N: growing the problem can only help (equal at N = 1 and at p in {0, 1}).
+    p, n = np.meshgrid(np.linspace(0, 1, 11), np.arange(1, 65))
+    assert np.all(scaling.gustafson(p, n) >= scaling.amdahl(p, n) - 1e-12)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25, 0.9, 0.95, 0.999])
+@pytest.mark.parametrize("n", [2, 3, 8, 64])
+def test_karp_flatt_inverts_amdahl(p, n):
+    assert scaling.serial_fraction_from_speedup(scaling.amdahl(p, n), n) == pytest.approx(1 - p)
+
+
+def test_karp_flatt_known_values():
+    assert scaling.serial_fraction_from_speedup(2.0, 2) == pytest.approx(0.0)  # perfect
+    assert scaling.serial_fraction_from_speedup(1.0, 2) == pytest.approx(1.0)  # no gain at all
+    assert scaling.serial_fraction_from_speedup(1.6, 2) == pytest.approx(0.25)  # 1/1.6 = 0.625
+    # Slower than one worker: the overhead exceeds the work, e > 1.
+    assert scaling.serial_fraction_from_speedup(0.8, 2) > 1
+
+
+def test_arrays_and_bad_input():
+    np.testing.assert_allclose(scaling.amdahl(0.9, np.array([1, 2, 4])), [1.0, 1 / 0.55, 1 / 0.325])
+    np.testing.assert_allclose(scaling.efficiency([2.0, 3.0], [2, 4]), [1.0, 0.75])
+    with pytest.raises(ValueError, match="parallel fraction"):
+        scaling.amdahl(1.5, 2)
+    with pytest.raises(ValueError, match="at least 1"):
+        scaling.gustafson(0.5, 0)
+    with pytest.raises(ValueError, match="n > 1"):
+        scaling.serial_fraction_from_speedup(1.0, 1)
+    with pytest.raises(ValueError, match="positive"):
+        scaling.serial_fraction_from_speedup(0.0, 2)
+
+
+def test_laws_table():
+    laws = scaling.laws(0.9, 16)
+    assert list(laws["workers"]) == list(range(1, 17))
+    np.testing.assert_allclose(laws["amdahl"], [scaling.amdahl(0.9, n) for n in range(1, 17)])
+    np.testing.assert_allclose(laws["gustafson"], [0.1 + 0.9 * n for n in range(1, 17)])
+    assert laws["limit"] == pytest.approx(10.0)
+
+
+def _line(fig, prefix):
+    return next(line for line in fig.axes[0].lines if line.get_label().startswith(prefix))
+
+
+def test_panel_redraws_when_a_slider_moves():
+    panel = cu.widgets.ScalingLawsPanel(p=0.9, max_workers=16, measured={"measured": (2, 1.8)})
+    assert panel.last_error is None, panel.last_error
+    assert panel.current()["amdahl_at_n"] == pytest.approx(scaling.amdahl(0.9, 16))
+    first = panel.figure
+
+    panel.controls["p"].value = 0.5  # no click: the slider's observer redraws
+    assert panel.last_error is None, panel.last_error
+    assert panel.figure is not first
+    amdahl_line = _line(panel.figure, "Amdahl (")
+    np.testing.assert_allclose(amdahl_line.get_ydata(), scaling.amdahl(0.5, np.arange(1, 17)))
+    assert panel.current()["limit"] == pytest.approx(2.0)
+
+    panel.controls["max_workers"].value = 64
+    gustafson_line = _line(panel.figure, "Gustafson")
+    assert len(gustafson_line.get_xdata()) == 64
+    assert gustafson_line.get_ydata()[-1] == pytest.approx(0.5 + 0.5 * 64)
+    assert "measured" in [line.get_label() for line in panel.figure.axes[0].lines]
+
+    panel.controls["max_workers"].value = 16  # back to (0.5, 16), seen before: from the cache
+    assert panel.status.value == "cached"
+    assert panel.current()["amdahl_at_n"] == pytest.approx(scaling.amdahl(0.5, 16))
+    assert len(_line(panel.figure, "Amdahl (").get_xdata()) == 16  # redrawn all the same
+
+    panel.controls["p"].value = 1.0  # no finite ceiling: drawn without one, no error
+    assert panel.last_error is None, panel.last_error
+    assert not any("ceiling" in line.get_label() for line in panel.figure.axes[0].lines)
+
+
+@pytest.mark.parametrize("kind", ["data", "task", "pipeline"])
+def test_parallelism_diagrams_draw(kind):
+    fig = cu.plots.parallelism(kind)
+    assert fig.axes[0].patches  # boxes were drawn
+    with pytest.raises(ValueError, match="kind"):
+        cu.plots.parallelism("tensor")
+
+
+def test_scaling_figures():
+    fig = cu.plots.scaling_laws(ps=(0.5, 0.9), max_workers=8, measured={"run": (2, 1.7)})
+    amdahl_ax, gustafson_ax = fig.axes
+    line = next(line for line in amdahl_ax.lines if line.get_label() == "p = 0.9")
+    np.testing.assert_allclose(line.get_ydata(), scaling.amdahl(0.9, np.arange(1, 9)))
+    line = next(line for line in gustafson_ax.lines if line.get_label() == "p = 0.5")
+    np.testing.assert_allclose(line.get_ydata(), scaling.gustafson(0.5, np.arange(1, 9)))
+    fig = cu.plots.speedup_bars(["serial", "parallel"], [2.0, 1.0])
+    assert [t.get_text() for t in fig.axes[0].texts] == ["2 s\n1.00×", "1 s\n2.00×"]
+    fig = cu.plots.speedup_bars(["1 thread", "2 threads"], [0.0199, 0.0102])  # below 1 s: in ms
+    assert [t.get_text() for t in fig.axes[0].texts] == ["19.9 ms\n1.00×", "10.2 ms\n1.95×"]
+    assert [bar.get_height() for bar in fig.axes[0].patches] == pytest.approx([19.9, 10.2])
+    cu.plots.memory_models()
