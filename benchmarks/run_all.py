@@ -1,4 +1,5 @@
-"""Run every benchmark in this folder (``make bench``); each writes benchmarks/results/*.json."""
+"""Run every benchmark in this folder (``make bench``); each writes benchmarks/results/*.json.
+Then benchmarks/report.py turns the results into the README's table and figures."""
 
 import subprocess
 import sys
@@ -9,3 +10,5 @@ HERE = Path(__file__).resolve().parent
 for script in sorted(HERE.glob("bench_*.py")):
     print(f"== {script.name}", flush=True)
     subprocess.run([sys.executable, str(script)], check=True)
+
+subprocess.run([sys.executable, str(HERE / "report.py")], check=True)

@@ -1,0 +1,187 @@
+"""Turn benchmarks/results/*.json into the README's results table and figures.
+
+    python benchmarks/report.py        (make bench runs it after the benchmarks)
+
+Writes docs/img/bench_*.png and rewrites the part of README.md between the markers
+``<!-- bench:start -->`` and ``<!-- bench:end -->``. Every figure is a ratio measured within one run
+(the benchmarks alternate what they compare), so a busy machine lowers them but does not bias them.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from course_utils import collectives, hardware, plots  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+IMG = ROOT / "docs" / "img"
+README = ROOT / "README.md"
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _x(value: float) -> str:
+    return f"{value:.2f}x"
+
+
+def loop_rows(d: dict) -> list[str]:
+    cells = ", ".join(f"{r['model'].upper()} {r['ratio_course_over_bare']:.3f}" for r in d["rows"])
+    return [f"| course training loop vs a bare PyTorch loop, throughput ratio | {cells} |"]
+
+
+def ddp_rows(d: dict) -> list[str]:
+    rows = d["results"]
+    best = max(rows, key=lambda r: r["speedup_vs_1x1"])
+    per_batch = ", ".join(
+        f"batch {r['batch_size']}: {_x(r['speedup_vs_1x1'])} / {_x(r['speedup_vs_1x2'])}"
+        for r in rows
+    )
+    return [
+        "| CNN, DDP 2 workers × 1 thread vs 1 worker × 1 thread / vs 1 worker × 2 threads "
+        f"(`bench_ddp.py`) | {per_batch} (best {_x(best['speedup_vs_1x1'])} at batch "
+        f"{best['batch_size']}) |"
+    ]
+
+
+def pipeline_rows(d: dict) -> list[str]:
+    out = []
+    for model in ("cnn", "rnn"):
+        for schedule in ("1f1b", "gpipe"):
+            rows = [r for r in d["rows"] if r["model"] == model and r["schedule"] == schedule]
+            if rows:
+                cells = ", ".join(
+                    f"m={r['microbatches']}: {_x(r['speedup'])} ({r['fraction_of_bound']:.0%})"
+                    for r in rows
+                )
+                out.append(
+                    f"| {model.upper()} pipeline, 2 stages, {schedule}, speedup over 1 process "
+                    f"(% of the bound m·p/(m+p−1)) (`bench_pipeline.py`) | {cells} |"
+                )
+    return out
+
+
+def collectives_rows(d: dict) -> list[str]:
+    rows = d["rows"]
+    ratios = [r["ratio_ring_over_all_reduce"] for r in rows]
+    errors = [abs(r["model_rel_error_all_reduce"]) for r in rows]
+    fit = d["fits"]["all_reduce"]
+    return [
+        "| ring all-reduce written with send/recv vs `dist.all_reduce` (gloo, 2 workers), time "
+        f"ratio over 1 KB–64 MB (`bench_collectives.py`) | {min(ratios):.2f}–{max(ratios):.2f} |",
+        f"| alpha-beta model of `dist.all_reduce` | alpha {fit['alpha_s'] * 1e6:.0f} µs per "
+        f"message, beta {fit['beta_bytes_per_s'] / 1e9:.2f} GB/s; error against measurement "
+        f"{min(errors):.0%}–{max(errors):.0%} (median {sorted(errors)[len(errors) // 2]:.0%}) |",
+    ]
+
+
+def figure_ddp(d: dict) -> str:
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    rows = d["results"]
+    batches = [r["batch_size"] for r in rows]
+    ax.plot(batches, [r["speedup_vs_1x1"] for r in rows], "o-", label="vs 1 worker × 1 thread")
+    ax.plot(batches, [r["speedup_vs_1x2"] for r in rows], "s-", label="vs 1 worker × 2 threads")
+    ax.axhline(2.0, color="k", ls="--", alpha=0.6, label="ideal (2 cores)")
+    ax.set(xscale="log", xlabel="global batch", ylabel="speedup", title="CNN, DDP on 2 workers")
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, "bench_ddp.png")
+
+
+def figure_pipeline(d: dict) -> str:
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for schedule, marker in (("1f1b", "o-"), ("gpipe", "s-")):
+        rows = [r for r in d["rows"] if r["model"] == "cnn" and r["schedule"] == schedule]
+        ax.plot(
+            [r["microbatches"] for r in rows],
+            [r["speedup"] for r in rows],
+            marker,
+            label=f"CNN, {schedule}",
+        )
+    ms = sorted({r["microbatches"] for r in d["rows"]})
+    ax.plot(ms, [r * 2 / (r + 1) for r in ms], "k--", alpha=0.6, label="bound m·p/(m+p−1)")
+    ax.set(
+        xscale="log",
+        xlabel="microbatches m",
+        ylabel="speedup over 1 process",
+        title="Pipeline, 2 stages",
+    )
+    ax.set_xticks(ms, [str(m) for m in ms])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, "bench_pipeline.png")
+
+
+def figure_collectives(d: dict) -> str:
+    rows = d["rows"]
+    fit = d["fits"]["all_reduce"]
+    model = collectives.AlphaBeta(fit["alpha_s"], fit["beta_bytes_per_s"], d["nproc"])
+    sizes = [r["bytes"] for r in rows]
+    seconds = {
+        "dist.all_reduce (gloo)": [r["all_reduce_min_s"] for r in rows],
+        "ring, send/recv": [r["ring_min_s"] for r in rows],
+    }
+    fig = plots.bandwidth(sizes, seconds, model=model, title="All-reduce on 2 workers")
+    return _save(fig, "bench_collectives.png")
+
+
+def _save(fig, name: str) -> str:
+    IMG.mkdir(parents=True, exist_ok=True)
+    fig.savefig(IMG / name, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return f"docs/img/{name}"
+
+
+def main() -> None:
+    rows, images = [], []
+    sources = {
+        "loop_overhead": (loop_rows, None),
+        "ddp": (ddp_rows, figure_ddp),
+        "pipeline": (pipeline_rows, figure_pipeline),
+        "collectives": (collectives_rows, figure_collectives),
+    }
+    for name, (table, figure) in sources.items():
+        d = _load(name)
+        if d is None:
+            continue
+        rows += table(d)
+        if figure is not None:
+            images.append(figure(d))
+    machine = (
+        f"{platform.machine()}, {hardware.num_cores()} cores, Python {platform.python_version()}"
+    )
+    block = [
+        START,
+        f"Measured by `make bench` on the course's development machine ({machine}, CPU only,",
+        "gloo). Each figure is a ratio within one run; on a busy machine they drop.",
+        "",
+        "| benchmark | result |",
+        "| --- | --- |",
+        *rows,
+        "",
+        " ".join(f"![{Path(p).stem}]({p})" for p in images),
+        END,
+    ]
+    text = README.read_text()
+    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"README.md has no {START} ... {END} block to fill")
+    README.write_text(pattern.sub(lambda _: "\n".join(block), text))
+    print(f"README.md: {len(rows)} rows, {len(images)} figures")
+
+
+if __name__ == "__main__":
+    main()
