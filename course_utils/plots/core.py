@@ -1,0 +1,305 @@
+"""Figures of lessons 01 and 02 (curves, images, feature maps, throughput, step times), and the
+helpers every figure uses."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+
+def _axes(ax=None, figsize=(6, 4)):
+    if ax is None:
+        fig, ax = plt.subplots(figsize=figsize)
+    return ax.figure, ax
+
+
+def _smooth(values: Sequence[float], window: int) -> np.ndarray:
+    values = np.asarray(values, dtype=float)
+    if window <= 1 or len(values) < window:
+        return values
+    kernel = np.ones(window) / window
+    return np.convolve(values, kernel, mode="valid")
+
+
+def curves(histories: dict, smooth: int = 10, axes=None):
+    """Loss and accuracy per step for one or more runs: ``{"label": History or dict}``."""
+    if axes is None:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig = axes[0].figure
+    for label, h in histories.items():
+        h = h if isinstance(h, dict) else h.as_dict()
+        for ax, key in zip(axes, ("losses", "accuracies")):
+            values = _smooth(h[key], smooth)
+            ax.plot(np.arange(len(values)) + min(smooth, len(h[key])) - 1, values, label=label)
+    axes[0].set(xlabel="step", ylabel="training loss", title="Loss (moving average)")
+    axes[1].set(
+        xlabel="step", ylabel="training accuracy", title="Accuracy (moving average)", ylim=(0, 1.02)
+    )
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def image_grid(
+    images,
+    labels=None,
+    predictions=None,
+    ncols: int = 10,
+    title: str | None = None,
+    cmap: str = "gray",
+):
+    """A grid of images (N, H, W) or (N, 1, H, W), with their labels (and predictions) above."""
+    images = np.asarray(images)
+    if images.ndim == 4:
+        images = images[:, 0]
+    n = len(images)
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.2 * ncols, 1.35 * nrows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= n:
+            continue
+        ax.imshow(images[i], cmap=cmap)
+        if labels is not None:
+            text = str(int(labels[i]))
+            color = "black"
+            if predictions is not None:
+                text += f" → {int(predictions[i])}"
+                color = "green" if predictions[i] == labels[i] else "red"
+            ax.set_title(text, fontsize=9, color=color)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def feature_maps(maps, title: str | None = None, ncols: int = 8, cmap: str = "viridis"):
+    """The channels of one feature map tensor (C, H, W), one small image each."""
+    maps = np.asarray(maps)
+    n = maps.shape[0]
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.3 * ncols, 1.3 * nrows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(maps[i], cmap=cmap)
+            ax.set_title(str(i), fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def throughput(
+    xs: Sequence,
+    series: dict[str, Sequence[float]],
+    xlabel: str,
+    ylabel: str = "samples / s",
+    title: str | None = None,
+    logx: bool = True,
+    ax=None,
+):
+    """Throughput (or any rate) against a setting, one line per series."""
+    fig, ax = _axes(ax)
+    for label, ys in series.items():
+        ax.plot(xs, ys, marker="o", label=label)
+    if logx:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(list(xs), [str(x) for x in xs])
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def stacked_bars(
+    labels: Sequence[str],
+    parts: dict[str, Sequence[float]],
+    ylabel: str,
+    title: str | None = None,
+    ax=None,
+):
+    """Stacked bars, e.g. where a training step's time goes (forward, backward, optimizer)."""
+    fig, ax = _axes(ax)
+    bottom = np.zeros(len(labels))
+    for name, values in parts.items():
+        ax.bar(labels, values, bottom=bottom, label=name)
+        bottom += np.asarray(values, dtype=float)
+    ax.set(ylabel=ylabel, title=title)
+    ax.legend()
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
+
+
+def sequence_view(image, t: int = 14, label=None, axes=None):
+    """An image read as a sequence (lesson 02): row ``t`` is the input ``x_t`` at time step ``t``.
+
+    Three panels: the image with row ``t`` boxed; the same pixels as the RNN sees them, time running
+    left to right (one column per step); and the 28 features of ``x_t``."""
+    image = np.asarray(image, dtype=float)
+    if image.ndim == 3:  # (1, H, W)
+        image = image[0]
+    num_steps, num_features = image.shape
+    if axes is None:
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.8), gridspec_kw={"width_ratios": [1, 1, 1.3]})
+    fig = axes[0].figure
+    lo, hi = image.min(), image.max()
+    box = dict(fill=False, edgecolor="red", linewidth=2)
+
+    axes[0].imshow(image, cmap="gray", vmin=lo, vmax=hi)
+    axes[0].add_patch(plt.Rectangle((-0.5, t - 0.5), num_features, 1, **box))
+    title = "the image" if label is None else f"the image (label {int(label)})"
+    axes[0].set(title=title, xlabel="pixel in the row = feature", ylabel="row = time step t")
+
+    axes[1].imshow(image.T, cmap="gray", vmin=lo, vmax=hi)
+    axes[1].add_patch(plt.Rectangle((t - 0.5, -0.5), 1, num_features, **box))
+    axes[1].set(
+        title=f"as the RNN reads it: {num_steps} steps", xlabel="time step t", ylabel="feature"
+    )
+
+    axes[2].bar(np.arange(num_features), image[t], color="tab:red")
+    axes[2].set(
+        title=f"x_t at t = {t}: {num_features} features",
+        xlabel="feature",
+        ylabel="value (normalised)",
+    )
+    axes[2].grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
+
+
+def step_time(
+    xs: Sequence,
+    series: dict[str, Sequence[float]],
+    xlabel: str,
+    title: str | None = None,
+    proportional: bool = True,
+    anchor: int = 0,
+    log: bool = False,
+    ax=None,
+):
+    """Milliseconds per step against a size (sequence length, batch), one line per series of
+    seconds; with ``proportional``, a dashed line through point ``anchor`` of the first series
+    shows what "time proportional to the size" would look like (lesson 02)."""
+    fig, ax = _axes(ax)
+    xs = np.asarray(xs, dtype=float)
+    for label, seconds in series.items():
+        ax.plot(xs, 1e3 * np.asarray(seconds), marker="o", label=label)
+    if proportional and series:
+        anchor_ms = 1e3 * float(next(iter(series.values()))[anchor])
+        reference = anchor_ms * xs / xs[anchor]
+        ax.plot(xs, reference, "k--", alpha=0.6, label=f"proportional to {xlabel}")
+    if log:  # on log axes, label every measured size (on linear ones they would crowd)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    ax.set(xlabel=xlabel, ylabel="ms per step", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def images(
+    images,
+    titles: Sequence[str] | None = None,
+    ncols: int | None = None,
+    cmap: str = "gray",
+    signed: bool = False,
+    title: str | None = None,
+    size: float = 2.0,
+):
+    """A row (or grid) of images (N, H, W), each with its own title; with ``signed``, a blue-white-red
+    colormap centred on 0 for images with negative values (filter kernels, edge maps)."""
+    images = [np.asarray(im, dtype=float) for im in images]
+    n = len(images)
+    ncols = ncols or n
+    nrows = int(np.ceil(n / ncols))
+    figsize = (size * ncols, size * nrows + 0.4)  # + room for the titles
+    fig, axes = plt.subplots(nrows, ncols, figsize=figsize, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= n:
+            continue
+        im = images[i]
+        if signed:
+            m = float(np.abs(im).max()) or 1.0
+            ax.imshow(im, cmap="RdBu_r", vmin=-m, vmax=m)
+        else:
+            ax.imshow(im, cmap=cmap)
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=9)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def grouped_bars(
+    labels: Sequence,
+    series: dict[str, Sequence[float]],
+    ylabel: str,
+    xlabel: str | None = None,
+    title: str | None = None,
+    ylim: tuple[float, float] | None = None,
+    ax=None,
+):
+    """Bars side by side for each label, one colour per series (e.g. logits before and after ReLU);
+    ``ylim`` can leave headroom for the legend."""
+    fig, ax = _axes(ax, figsize=(8, 3.5))
+    x = np.arange(len(labels))
+    width = 0.8 / max(len(series), 1)
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=name)
+    ax.set_xticks(x, [str(label) for label in labels])
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def measurements(
+    points: Sequence[dict],
+    x: str,
+    y: str,
+    by: str | None = None,
+    xlabel: str | None = None,
+    ylabel: str = "samples / s",
+    title: str | None = None,
+    logx: bool = True,
+    ax=None,
+):
+    """Measured points (dicts, e.g. a widget's results) as ``y`` against ``x``, one line per value
+    of ``by``, points sorted along x; works with any subset of the settings measured so far."""
+    fig, ax = _axes(ax)
+    groups: dict = {}
+    for p in points:
+        groups.setdefault(p[by] if by else None, []).append((p[x], p[y]))
+    for key in sorted(groups, key=lambda k: (k is None, k)):
+        xs, ys = zip(*sorted(groups[key]))
+        ax.plot(xs, ys, marker="o", label=f"{by} = {key}" if by else None)
+    all_xs = sorted({p[x] for p in points})
+    if logx and all_xs and min(all_xs) > 0:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(all_xs, [str(v) for v in all_xs])
+    ax.set(xlabel=xlabel or x, ylabel=ylabel, title=title)
+    if points:
+        ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    if by and points:
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+# --- lesson 03: kinds of parallelism, memory models, scaling laws, timings ---------------------
