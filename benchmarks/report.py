@@ -96,6 +96,7 @@ def figure_ddp(d: dict) -> str:
     ax.axhline(2.0, color="k", ls="--", alpha=0.6, label="ideal (2 cores)")
     ax.set(xscale="log", xlabel="global batch", ylabel="speedup", title="CNN, DDP on 2 workers")
     ax.set_xticks(batches, [str(b) for b in batches])
+    ax.minorticks_off()
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, "bench_ddp.png")
@@ -120,6 +121,7 @@ def figure_pipeline(d: dict) -> str:
         title="Pipeline, 2 stages",
     )
     ax.set_xticks(ms, [str(m) for m in ms])
+    ax.minorticks_off()
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, "bench_pipeline.png")
