@@ -19,7 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from course_utils import collectives, hardware, plots  # noqa: E402
+from course_utils import collectives, hardware, pipeline, plots  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -87,43 +87,47 @@ def collectives_rows(d: dict) -> list[str]:
     ]
 
 
-def figure_ddp(d: dict) -> str:
+def _speedup_figure(xs, series: dict, reference, reference_label: str, xlabel: str, title: str):
+    """Speedup lines against a log-scaled size, each measured size labelled, and a dashed ideal."""
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    rows = d["results"]
-    batches = [r["batch_size"] for r in rows]
-    ax.plot(batches, [r["speedup_vs_1x1"] for r in rows], "o-", label="vs 1 worker × 1 thread")
-    ax.plot(batches, [r["speedup_vs_1x2"] for r in rows], "s-", label="vs 1 worker × 2 threads")
-    ax.axhline(2.0, color="k", ls="--", alpha=0.6, label="ideal (2 cores)")
-    ax.set(xscale="log", xlabel="global batch", ylabel="speedup", title="CNN, DDP on 2 workers")
-    ax.set_xticks(batches, [str(b) for b in batches])
+    for (label, ys), marker in zip(series.items(), ("o-", "s-", "^-")):
+        ax.plot(xs, ys, marker, label=label)
+    ax.plot(xs, reference, "k--", alpha=0.6, label=reference_label)
+    ax.set(xscale="log", xlabel=xlabel, ylabel="speedup", title=title)
+    ax.set_xticks(xs, [str(x) for x in xs])
     ax.minorticks_off()
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return fig
+
+
+def figure_ddp(d: dict) -> str:
+    rows = d["results"]
+    batches = [r["batch_size"] for r in rows]
+    series = {
+        "vs 1 worker × 1 thread": [r["speedup_vs_1x1"] for r in rows],
+        "vs 1 worker × 2 threads": [r["speedup_vs_1x2"] for r in rows],
+    }
+    ideal = [2.0] * len(batches)
+    fig = _speedup_figure(
+        batches, series, ideal, "ideal (2 workers)", "global batch", "CNN, DDP on 2 workers"
+    )
     return _save(fig, "bench_ddp.png")
 
 
 def figure_pipeline(d: dict) -> str:
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for schedule, marker in (("1f1b", "o-"), ("gpipe", "s-")):
-        rows = [r for r in d["rows"] if r["model"] == "cnn" and r["schedule"] == schedule]
-        ax.plot(
-            [r["microbatches"] for r in rows],
-            [r["speedup"] for r in rows],
-            marker,
-            label=f"CNN, {schedule}",
-        )
     ms = sorted({r["microbatches"] for r in d["rows"]})
-    ax.plot(ms, [r * 2 / (r + 1) for r in ms], "k--", alpha=0.6, label="bound m·p/(m+p−1)")
-    ax.set(
-        xscale="log",
-        xlabel="microbatches m",
-        ylabel="speedup over 1 process",
-        title="Pipeline, 2 stages",
-    )
-    ax.set_xticks(ms, [str(m) for m in ms])
-    ax.minorticks_off()
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    series = {}
+    for schedule in ("1f1b", "gpipe"):
+        by_m = {
+            r["microbatches"]: r["speedup"]
+            for r in d["rows"]
+            if r["model"] == "cnn" and r["schedule"] == schedule
+        }
+        series[f"CNN, {schedule}"] = [by_m.get(m, float("nan")) for m in ms]  # 1F1B needs m >= p
+    bound = [pipeline.speedup_bound(d["num_stages"], m) for m in ms]
+    title = f"Pipeline, {d['num_stages']} stages, over 1 process"
+    fig = _speedup_figure(ms, series, bound, "bound m·p/(m+p−1)", "microbatches m", title)
     return _save(fig, "bench_pipeline.png")
 
 

@@ -12,6 +12,9 @@ Every function here runs inside a worker whose default process group is initiali
 from __future__ import annotations
 
 import os
+import statistics
+import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -189,10 +192,6 @@ def time_sync(model_name: str, batch_size: int, num_steps: int = 10, seed: int =
 
     Returns, on every rank, the medians ``synced_s``, ``no_sync_s`` and ``data_s`` (cutting this
     rank's shard out of the global batch), the slowest rank's of each."""
-    import statistics
-    import time
-    from contextlib import nullcontext
-
     me = launch.worker()
     X, y = data.mnist("train")
     X = models.prepare_input(model_name, X)

@@ -57,7 +57,6 @@ import torch.distributed as dist
 from course_utils import hardware
 
 GROUP_TIMEOUT_S = 60.0  # a collective that a rank skips fails after this, not gloo's 30 minutes
-_warned_oversubscribe = False
 
 
 class WorkerError(RuntimeError):
@@ -263,16 +262,14 @@ def run(
     the module docstring). ``use_gpu``: default, when there are at least
     ``nproc`` GPUs. Raises :class:`WorkerError` (first failure) or :class:`LaunchTimeout`.
     """
-    global _warned_oversubscribe
     if nproc < 1:
         raise ValueError(f"nproc must be at least 1, got {nproc}")
     cores = hardware.num_cores()
-    if nproc > cores and not _warned_oversubscribe:
-        _warned_oversubscribe = True
-        warnings.warn(
+    if nproc > cores:
+        _warn_once(
+            "oversubscribe",
             f"{nproc} workers on {cores} cores: they take turns on the cores, so timings "
             "oversubscribe (results are still correct).",
-            stacklevel=2,
         )
     if use_gpu is None:
         use_gpu = hardware.num_gpus() >= nproc

@@ -174,7 +174,7 @@ def test_two_launches_at_once_do_not_collide():
 
 
 def test_more_workers_than_cores_warns_once(monkeypatch):
-    monkeypatch.setattr(launch, "_warned_oversubscribe", False)
+    monkeypatch.setattr(launch, "_warned", set())
     monkeypatch.setattr(launch.hardware, "num_cores", lambda: 1)
     with pytest.warns(UserWarning, match="oversubscribe"):
         launch.run(sum_of_ranks, 2, 0)

@@ -78,20 +78,10 @@ def image_grid(
 
 
 def feature_maps(maps, title: str | None = None, ncols: int = 8, cmap: str = "viridis"):
-    """The channels of one feature map tensor (C, H, W), one small image each."""
+    """The channels of one feature map tensor (C, H, W), one small numbered image each."""
     maps = np.asarray(maps)
-    n = maps.shape[0]
-    nrows = int(np.ceil(n / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(1.3 * ncols, 1.3 * nrows), squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i < n:
-            ax.imshow(maps[i], cmap=cmap)
-            ax.set_title(str(i), fontsize=7)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+    titles = [str(i) for i in range(len(maps))]
+    return images(maps, titles, ncols=ncols, cmap=cmap, title=title, size=1.3)
 
 
 def throughput(
