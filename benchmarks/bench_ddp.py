@@ -45,7 +45,7 @@ def throughput(model: str, nproc: int, threads: int, batch_size: int, steps: int
         steps=steps,
         threads=threads,
     )
-    result = cu.train.run(cfg, progress=False)
+    result = cu.train.run(cfg, progress=False, use_gpu=False)  # CPU processes and threads
     return {"samples_per_s": result["samples_per_s"], "wall_s": result["wall_s"]}
 
 
@@ -78,8 +78,12 @@ def where_time_goes(model: str, batch_size: int, steps: int) -> dict:
     """Per-step seconds of 2 workers x 1 thread against the ideal, half of 1 worker's step:
     what is lost in computing (smaller shards, two processes sharing caches and memory) and in
     synchronising the gradients (the all-reduce, and waiting for the slower rank)."""
-    one = cu.launch.run(cu.ddp.time_sync, 1, model, batch_size, steps, threads=1, timeout=600)[0]
-    two = cu.launch.run(cu.ddp.time_sync, 2, model, batch_size, steps, threads=1, timeout=600)[0]
+    one = cu.launch.run(
+        cu.ddp.time_sync, 1, model, batch_size, steps, threads=1, timeout=600, use_gpu=False
+    )[0]
+    two = cu.launch.run(
+        cu.ddp.time_sync, 2, model, batch_size, steps, threads=1, timeout=600, use_gpu=False
+    )[0]
     ideal = one["synced_s"] / 2
     return {
         "batch_size": batch_size,

@@ -80,6 +80,7 @@ def main() -> None:
                         args.steps,
                         threads=1,
                         timeout=600,
+                        use_gpu=False,  # like the baseline: one CPU process
                     )[0]
                     key = (schedule, m)
                     ratios.setdefault(key, []).append(result["samples_per_s"] / base)

@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -140,16 +141,24 @@ def _complete(cfg: RunConfig, result: dict) -> dict:
     return {**config, "threads": cfg.threads_per_worker, **result}
 
 
-def run(cfg: RunConfig, progress: bool = True, timeout: float = 24 * 3600) -> dict:
+def run(
+    cfg: RunConfig,
+    progress: bool = True,
+    timeout: float = 24 * 3600,
+    use_gpu: bool | None = None,
+) -> dict:
     """Validate and run one configuration; the notebooks' and tests' way in.
 
     ``--parallel none`` trains here; otherwise :func:`course_utils.launch.run` starts ``nproc``
     workers (fork from a notebook, each with its process group and thread budget) and rank 0's
-    results come back. ``wall_s`` covers everything, start-up included."""
+    results come back. ``wall_s`` covers everything, start-up included. ``use_gpu``: as
+    :func:`course_utils.launch.run` (default: a GPU per worker when there are enough); a caller
+    comparing runs passes one value to all of them, so that none compares a GPU with CPUs."""
     start = time.perf_counter()
     validate(cfg)
     if cfg.parallel == "none":
-        result = run_single(cfg, progress=progress)
+        with _gpu_choice(use_gpu):
+            result = run_single(cfg, progress=progress)
     else:
         from course_utils import launch
 
@@ -160,10 +169,27 @@ def run(cfg: RunConfig, progress: bool = True, timeout: float = 24 * 3600) -> di
             progress,
             threads=cfg.threads_per_worker,
             timeout=timeout,
+            use_gpu=use_gpu,
         )
         result = _complete(cfg, per_rank[0])
     result["wall_s"] = time.perf_counter() - start
     return result
+
+
+@contextmanager
+def _gpu_choice(use_gpu: bool | None):
+    """``--parallel none`` in this process: the choice reaches :func:`course_utils.launch.worker`
+    through the variable the launcher sets for its workers, restored after."""
+    old = os.environ.get("COURSE_USE_GPU")
+    if use_gpu is not None:
+        os.environ["COURSE_USE_GPU"] = str(int(use_gpu))
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("COURSE_USE_GPU", None)
+        else:
+            os.environ["COURSE_USE_GPU"] = old
 
 
 def _under_torchrun(cfg: RunConfig) -> int:

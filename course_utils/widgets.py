@@ -35,6 +35,7 @@ class Panel:
 
     def __init__(self, controls: dict[str, widgets.ValueWidget], title: str = ""):
         self.controls = controls
+        self.title = title
         for control in controls.values():  # long descriptions ("microbatches") stay readable
             control.style.description_width = "initial"
         self.results: list[dict] = []  # one dict per distinct setting, in the order measured
@@ -204,7 +205,9 @@ class PipelinePanel(Panel):
     """Lesson 06: choose stages, microbatches, schedule and engine. The simulated timeline (from
     stage costs measured in this process, one thread) redraws at every change; Run trains a few
     steps on real worker processes (:func:`course_utils.launch.run`) and draws the measured
-    timeline and the speedup over one process beside it. Runs are cached per setting."""
+    timeline and the speedup over one process beside it. Runs are cached per setting. Its
+    workers are CPU processes even on a GPU box, like the baseline and the simulated costs it is
+    compared with (``python -m course_utils.train --parallel pipeline`` uses a GPU per stage)."""
 
     def __init__(
         self,
@@ -284,6 +287,7 @@ class PipelinePanel(Panel):
             self.num_steps,
             threads=self.threads,
             timeout=300,
+            use_gpu=False,  # CPU workers, like the baseline and the simulation
         )[0]
 
     def compute(self, stages: int, microbatches: int, schedule: str, engine: str) -> dict:
@@ -377,7 +381,12 @@ class SpeedupPanel(Panel):
     """Lesson 05: choose a model, a number of DDP workers and a global batch; Run trains a few
     steps with ``cu.train.run`` (``--parallel ddp``, one thread per worker) and adds the measured
     speedup over one worker (same model and batch, measured once and cached) to a speedup and
-    efficiency plot beside the ideal line. Runs are cached per setting, so a replay is instant."""
+    efficiency plot beside the ideal line. Runs are cached per setting, so a replay is instant.
+
+    Every point runs on the same kind of worker: GPUs (NCCL) only when there is one for each
+    worker of the largest world size offered, CPU processes (gloo) otherwise. (The launcher's
+    own default, a GPU per worker when there are enough, would put 1 worker on a lone GPU and 2
+    on the CPU: a "speedup" of CPUs over a GPU.) ``use_gpu`` overrides the choice."""
 
     def __init__(
         self,
@@ -387,8 +396,12 @@ class SpeedupPanel(Panel):
         num_steps: int = 10,
         threads: int = 1,
         train: Callable[..., dict] | None = None,
+        use_gpu: bool | None = None,
     ):
         self.num_steps, self.threads = num_steps, threads  # threads per worker, baseline too
+        if use_gpu is None:
+            use_gpu = hardware.num_gpus() >= max(world_sizes)
+        self.use_gpu = use_gpu
         self.train = train or self._train  # RunConfig -> the results dict of the CLI contract
         self.baselines: dict[tuple, float] = {}  # (model, batch_size) -> samples/s of 1 worker
         controls = {
@@ -402,14 +415,16 @@ class SpeedupPanel(Panel):
                 description="global batch",
             ),
         }
-        cores = hardware.num_cores()
-        super().__init__(controls, title=f"Data-parallel speedup ({cores} cores on this machine)")
+        if use_gpu:
+            where = f"one GPU per worker, {hardware.num_gpus()} GPUs"
+        else:
+            where = f"CPU workers, {hardware.num_cores()} cores on this machine"
+        super().__init__(controls, title=f"Data-parallel speedup ({where})")
 
-    @staticmethod
-    def _train(cfg) -> dict:
+    def _train(self, cfg) -> dict:
         from course_utils import train
 
-        return train.run(cfg, progress=False, timeout=600)
+        return train.run(cfg, progress=False, timeout=600, use_gpu=self.use_gpu)
 
     def _config(self, model: str, nproc: int, batch_size: int):
         from course_utils.train import RunConfig
@@ -438,14 +453,22 @@ class SpeedupPanel(Panel):
             "baseline_samples_per_s": self.baselines[key],
             "speedup": speedup,
             "efficiency": speedup / nproc,
-            "oversubscribed": nproc * self.threads > hardware.num_cores(),
+            "oversubscribed": nproc > self._devices(),
             "label": f"{model}, batch {batch_size}",
         }
 
+    def _devices(self) -> int:
+        """How many workers run side by side without sharing a GPU or a core."""
+        if self.use_gpu:
+            return hardware.num_gpus()
+        return max(hardware.num_cores() // self.threads, 1)
+
     def draw(self, results: list[dict]):
+        threads = f"{self.threads} thread" + ("s" if self.threads > 1 else "")
+        per_worker = "one GPU" if self.use_gpu else threads
         return plots.speedup(
             results,
             by="label",
-            cores=hardware.num_cores() // self.threads,
-            title="measured DDP speedup (one thread per worker)",
+            cores=self._devices(),
+            title=f"measured DDP speedup ({per_worker} per worker)",
         )

@@ -1,6 +1,7 @@
 """Data parallel: N workers with batch B/N each do what one process does with batch B."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import torch
 import torch.distributed as dist
 from conftest import ROOT
 
-from course_utils import data, ddp, launch, loop, models
+from course_utils import data, ddp, hardware, launch, loop, models
 from course_utils.train import RunConfig, UsageError, run
 
 
@@ -53,6 +54,17 @@ def hand_written_vs_ddp(model_name: str, batch_size: int, steps: int):
         )
         out[name] = (history.losses, [p.detach().clone() for p in model.parameters()])
     return out
+
+
+def test_use_gpu_holds_for_a_run_in_this_process_too(monkeypatch):
+    # On a box with a GPU, one process would train on it by default; use_gpu=False keeps it on
+    # the CPU, like the CPU workers it is compared with, and the choice does not outlive the run.
+    monkeypatch.setattr(hardware, "num_gpus", lambda: 1)
+    monkeypatch.delenv("COURSE_USE_GPU", raising=False)
+    assert launch.worker().device == torch.device("cuda", 0)  # the default there
+    result = run(RunConfig(model="cnn", batch_size=16, steps=1), progress=False, use_gpu=False)
+    assert result["device"] == "cpu"
+    assert "COURSE_USE_GPU" not in os.environ
 
 
 def test_hand_written_data_parallel_equals_ddp_and_replicas_stay_identical():

@@ -82,6 +82,30 @@ def test_speedup_panel_shows_a_bad_setting_as_an_error_without_starting_workers(
     plt.close("all")
 
 
+@pytest.mark.parametrize(
+    "gpus, use_gpu", [(0, False), (1, False), (3, False), (4, True)], ids=lambda v: str(v)
+)
+def test_speedup_panel_puts_every_point_on_one_kind_of_worker(monkeypatch, gpus, use_gpu):
+    # On a box with fewer GPUs than the largest world size, the launcher's own default would put
+    # 1 worker on a GPU and 2 on the CPU: the panel must choose once, for all its points.
+    seen = []
+
+    def fake_run(cfg, progress=True, timeout=0, use_gpu=None):
+        seen.append((cfg.nproc, use_gpu))
+        return {"samples_per_s": 100.0 * cfg.nproc}
+
+    monkeypatch.setattr(cu.hardware, "num_gpus", lambda: gpus)
+    monkeypatch.setattr(train, "run", fake_run)
+    panel = cu.widgets.SpeedupPanel(world_sizes=(1, 2, 4), batch_sizes=(32,), num_steps=2)
+    for nproc in (2, 4):
+        panel.controls["nproc"].value = nproc
+        panel.run_button.click()
+        assert panel.last_error is None, panel.last_error
+    assert seen == [(1, use_gpu), (2, use_gpu), (4, use_gpu)]
+    assert ("GPU" in panel.title) == use_gpu
+    plt.close("all")
+
+
 def test_time_sync_measures_both_kinds_of_step_and_agrees_across_ranks():
     per_rank = launch.run(cu.ddp.time_sync, 2, "rnn", 32, 3, threads=1, timeout=120)
     assert per_rank[0] == per_rank[1]  # the slowest rank's figures, on every rank

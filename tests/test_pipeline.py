@@ -252,6 +252,24 @@ def test_pipeline_panel_simulates_on_change_and_runs_on_click():
     assert "1f1b needs" in panel.last_error and len(calls) == 1
 
 
+def test_pipeline_panel_runs_cpu_workers_like_its_baseline(monkeypatch):
+    # Its baseline and simulated costs are measured in this process, on the CPU: its workers
+    # must be CPU processes too, even where the launcher would pick GPUs.
+    seen = []
+
+    def fake_run(fn, nproc, *args, use_gpu=None, **kwargs):
+        seen.append(use_gpu)
+        return [{"samples_per_s": 100.0, "events": pipeline.simulate("gpipe", nproc, 2, 1, 2)}]
+
+    monkeypatch.setattr(cu.hardware, "num_gpus", lambda: 8)
+    monkeypatch.setattr(cu.launch, "run", fake_run)
+    panel = cu.widgets.PipelinePanel("rnn", batch_size=16, baseline=100.0)
+    panel.controls["microbatches"].value = 2
+    panel.run_button.click()
+    assert panel.last_error is None, panel.last_error
+    assert seen == [False]
+
+
 @pytest.mark.slow
 def test_pipeline_panel_real_run():
     panel = cu.widgets.PipelinePanel("rnn", batch_size=32, num_steps=2)
