@@ -154,8 +154,7 @@ def run_all_cells(page, lab, notebook: str, timeout_s: float = 600) -> None:
     deadline = time.monotonic() + timeout_s
     attempts = 3  # Run All again only if one is lost or stalls (see below)
     for attempt in range(1, attempts + 1):
-        # Focus the notebook first: Run All acts on the current notebook, and does nothing
-        # (its menu entry is disabled) while JupyterLab has not made this one current yet.
+        # Focus the notebook first: Run All acts on whichever notebook JupyterLab holds current.
         page.locator(".jp-Notebook .jp-Cell").first.click()
         page.click(".lm-MenuBar-itemLabel:text-is('Run')")
         page.click("li[data-command='runmenu:run-all']")
