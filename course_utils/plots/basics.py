@@ -44,35 +44,31 @@ def _arrow(ax, start, end, text=None, color="black", style="-|>"):
 _WORKER_COLORS = ("#cfe8cf", "#fde2c4", "#e3d7f0", "#f6d0d0")
 
 
+def _workers(ax, texts: Sequence[str], results: Sequence[str], footer: str) -> list[float]:
+    """Two worker boxes side by side, each sending its result down to a footer box (the step
+    that joins them); returns the x of each worker's top centre, for the arrows that feed it."""
+    for w, (text, result) in enumerate(zip(texts, results)):
+        x0 = 0.3 + 2.3 * w
+        _box(ax, x0, 1.5, 1.8, 2.0, text, _WORKER_COLORS[w])
+        _arrow(ax, (x0 + 0.9, 1.45), (x0 + 0.9, 0.85), text=result)
+    _box(ax, 0.3, 0.0, 4.1, 0.8, footer, "#eeeeee", fontsize=8)
+    return [0.3 + 2.3 * w + 0.9 for w in range(len(texts))]
+
+
 def _data_parallel(ax) -> None:
     ax.set_title("data parallelism: split the batch\n(lessons 04, 05)", fontsize=10)
     for i in range(8):  # the global batch: 8 samples, 4 per worker
         worker = i // 4
         _box(ax, 0.2 + 0.55 * i, 4.3, 0.45, 0.5, f"x{i}", _WORKER_COLORS[worker], fontsize=7)
     ax.text(2.4, 5.05, "one global batch", ha="center", fontsize=8)
-    for w in range(2):
-        x0 = 0.3 + 2.3 * w
-        _arrow(ax, (1.1 + 2.2 * w, 4.25), (x0 + 0.9, 3.55))
-        _box(
-            ax,
-            x0,
-            1.5,
-            1.8,
-            2.0,
-            f"worker {w}\nfull copy\nof the model\n(same weights)",
-            _WORKER_COLORS[w],
-        )
-        _arrow(ax, (x0 + 0.9, 1.45), (x0 + 0.9, 0.85), text=f"grads g{w}")
-    _box(
+    tops = _workers(
         ax,
-        0.3,
-        0.0,
-        4.1,
-        0.8,
+        [f"worker {w}\nfull copy\nof the model\n(same weights)" for w in range(2)],
+        ["grads g0", "grads g1"],
         "all-reduce: average g0 and g1,\nevery copy takes the same step",
-        "#eeeeee",
-        fontsize=8,
     )
+    for w, top in enumerate(tops):
+        _arrow(ax, (1.1 + 2.2 * w, 4.25), (top, 3.55))
 
 
 def _task_parallel(ax) -> None:
@@ -83,31 +79,16 @@ def _task_parallel(ax) -> None:
     for i, lr in enumerate(lrs):  # a queue of independent tasks, dealt round-robin
         _box(ax, 0.2 + 1.1 * i, 4.3, 0.95, 0.5, lr, _WORKER_COLORS[i % 2], fontsize=7)
     ax.text(2.4, 5.05, "4 training runs (a sweep)", ha="center", fontsize=8)
-    for w in range(2):
-        x0 = 0.3 + 2.3 * w
-        for i in range(w, 4, 2):
-            _arrow(ax, (0.67 + 1.1 * i, 4.25), (x0 + 0.9, 3.55))
-        mine = ", ".join(lrs[i].split()[1] for i in range(w, 4, 2))
-        _box(
-            ax,
-            x0,
-            1.5,
-            1.8,
-            2.0,
-            f"worker {w}\ntrains lr\n{mine}\none after the other",
-            _WORKER_COLORS[w],
-        )
-        _arrow(ax, (x0 + 0.9, 1.45), (x0 + 0.9, 0.85), text="result")
-    _box(
+    mine = [", ".join(lrs[i].split()[1] for i in range(w, 4, 2)) for w in range(2)]
+    tops = _workers(
         ax,
-        0.3,
-        0.0,
-        4.1,
-        0.8,
+        [f"worker {w}\ntrains lr\n{mine[w]}\none after the other" for w in range(2)],
+        ["result", "result"],
         "no communication until the end:\ncollect the results",
-        "#eeeeee",
-        fontsize=8,
     )
+    for w, top in enumerate(tops):
+        for i in range(w, 4, 2):
+            _arrow(ax, (0.67 + 1.1 * i, 4.25), (top, 3.55))
 
 
 def _pipeline_parallel(ax) -> None:
