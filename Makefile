@@ -23,10 +23,12 @@ lab: $(STAMP)
 # reason, where Chromium is missing) and every notebook under nbval, in fast mode.
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	COURSE_FAST=1 $(BIN)/pytest --nbval-lax --durations=15 tests notebooks
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 unit: $(STAMP)
 	COURSE_FAST=1 $(BIN)/pytest tests --ignore=tests/e2e

@@ -44,8 +44,9 @@ def throughput(model: str, nproc: int, threads: int, batch_size: int, steps: int
         batch_size=batch_size,
         steps=steps,
         threads=threads,
+        device="cpu",  # CPU processes and threads, even on a GPU box
     )
-    result = cu.train.run(cfg, progress=False, use_gpu=False)  # CPU processes and threads
+    result = cu.train.run(cfg, progress=False)
     return {"samples_per_s": result["samples_per_s"], "wall_s": result["wall_s"]}
 
 
@@ -79,10 +80,10 @@ def where_time_goes(model: str, batch_size: int, steps: int) -> dict:
     what is lost in computing (smaller shards, two processes sharing caches and memory) and in
     synchronising the gradients (the all-reduce, and waiting for the slower rank)."""
     one = cu.launch.run(
-        cu.ddp.time_sync, 1, model, batch_size, steps, threads=1, timeout=600, use_gpu=False
+        cu.ddp.time_sync, 1, model, batch_size, steps, threads=1, timeout=600, device="cpu"
     )[0]
     two = cu.launch.run(
-        cu.ddp.time_sync, 2, model, batch_size, steps, threads=1, timeout=600, use_gpu=False
+        cu.ddp.time_sync, 2, model, batch_size, steps, threads=1, timeout=600, device="cpu"
     )[0]
     ideal = one["synced_s"] / 2
     return {

@@ -23,28 +23,17 @@ from pathlib import Path
 import torch
 
 import course_utils as cu
-from course_utils import pipeline
+from course_utils.pipeline import schedules, stages, worker
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NUM_STAGES = 2
 MICROBATCHES = (1, 2, 4, 8, 16)
 
 
-def baseline(name: str, batch_size: int, num_steps: int) -> float:
-    """Samples/s of the whole model in this process, one thread."""
-    X, y = cu.data.mnist("train")
-    model = cu.models.build(name, seed=0)
-    X = cu.models.prepare_input(name, X)
-    return cu.loop.measure_throughput(model, X, y, batch_size, threads=1, num_steps=num_steps)
-
-
 def imbalance_bound(name: str, sizes: list[int], batch_size: int, m: int) -> float:
     """Speedup bound of these stages as measured here: total work / (slowest stage × (m+p-1)/m)."""
-    X, y = cu.data.mnist("train", limit=batch_size // m)
-    pieces = pipeline.units(name, cu.models.build(name, seed=0))
-    with cu.loop.num_threads(1):
-        costs = pipeline.unit_costs(pieces, cu.models.prepare_input(name, X), y)
-    forward, backward = pipeline.stage_costs(costs, sizes)
+    costs = stages.measured_unit_costs(name, batch_size // m, threads=1, repeats=3)
+    forward, backward = stages.stage_costs(costs, sizes)
     per_stage = [f + b for f, b in zip(forward, backward)]
     p = len(sizes)
     return sum(per_stage) / max(per_stage) * m / (m + p - 1)
@@ -63,24 +52,19 @@ def main() -> None:
         ratios: dict[tuple, list] = {}
         extra: dict[tuple, dict] = {}
         for _ in range(args.repeats):
-            for schedule in pipeline.SCHEDULES:
+            for schedule in schedules.SCHEDULES:
                 for m in MICROBATCHES:
-                    if pipeline.config_error(name, NUM_STAGES, args.batch_size, m, schedule):
+                    if worker.config_error(name, NUM_STAGES, args.batch_size, m, schedule):
                         continue  # 1F1B needs m >= p in torch.distributed.pipelining
                     # The baseline right before each run: a busy machine slows both alike.
-                    base = baseline(name, args.batch_size, args.steps)
+                    base = worker.one_process_throughput(name, args.batch_size, 1, args.steps)
                     result = cu.launch.run(
-                        pipeline.profile_worker,
+                        worker.profile,
                         NUM_STAGES,
-                        name,
-                        m,
-                        schedule,
-                        "torch",
-                        args.batch_size,
-                        args.steps,
+                        worker.Profile(name, m, schedule, "torch", args.batch_size, args.steps),
                         threads=1,
                         timeout=600,
-                        use_gpu=False,  # like the baseline: one CPU process
+                        device="cpu",  # like the baseline: one CPU process
                     )[0]
                     key = (schedule, m)
                     ratios.setdefault(key, []).append(result["samples_per_s"] / base)
@@ -89,10 +73,10 @@ def main() -> None:
                     )
                     info["pipe"].append(result["samples_per_s"])
                     info["base"].append(base)
-                    info["bubbles"].append(pipeline.bubble_fraction(result["events"], NUM_STAGES))
+                    info["bubbles"].append(schedules.bubble_fraction(result["events"], NUM_STAGES))
         for (schedule, m), values in sorted(ratios.items()):
             sizes = extra[schedule, m]["sizes"]
-            bound = pipeline.speedup_bound(NUM_STAGES, m)
+            bound = schedules.speedup_bound(NUM_STAGES, m)
             info = extra[schedule, m]
             # Median of the paired ratios; and the best pipeline run over the best baseline run
             # (each the least disturbed by other programs, as timeit takes the minimum time).
@@ -113,7 +97,7 @@ def main() -> None:
                     "fraction_of_bound": speedup / bound,
                     "bound_of_measured_stages": imbalance_bound(name, sizes, args.batch_size, m),
                     "measured_bubble": statistics.median(extra[schedule, m]["bubbles"]),
-                    "formula_bubble": pipeline.bubble_formula(NUM_STAGES, m),
+                    "formula_bubble": schedules.bubble_formula(NUM_STAGES, m),
                 }
             )
             r = rows[-1]

@@ -19,7 +19,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from course_utils import collectives, hardware, pipeline, plots  # noqa: E402
+from course_utils import collectives, hardware, plots  # noqa: E402
+from course_utils.pipeline import schedules  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -125,7 +126,7 @@ def figure_pipeline(d: dict) -> str:
             if r["model"] == "cnn" and r["schedule"] == schedule
         }
         series[f"CNN, {schedule}"] = [by_m.get(m, float("nan")) for m in ms]  # 1F1B needs m >= p
-    bound = [pipeline.speedup_bound(d["num_stages"], m) for m in ms]
+    bound = [schedules.speedup_bound(d["num_stages"], m) for m in ms]
     title = f"Pipeline, {d['num_stages']} stages, over 1 process"
     fig = _speedup_figure(ms, series, bound, "bound m·p/(m+p−1)", "microbatches m", title)
     return _save(fig, "bench_pipeline.png")

@@ -17,6 +17,8 @@ _LAZY = {
     "plots",
     "widgets",
     "train",
+    "config",
+    "checkpoint",
     "launch",
     "collectives",
     "ddp",

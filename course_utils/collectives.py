@@ -146,8 +146,10 @@ def fit_alpha_beta(nbytes: Sequence[float], seconds: Sequence[float], world_size
     return AlphaBeta(max(float(alpha), 0.0), 1.0 / max(float(inv_beta), 1e-30), world_size)
 
 
-def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    dist.all_reduce(tensor)
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all ranks in place and return it (every rank gets the total):
+    ``dist.all_reduce`` as a function, e.g. for the metrics of :func:`course_utils.loop.fit`."""
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
@@ -158,7 +160,7 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-OPS = {"all_reduce": _all_reduce, "ring": ring_all_reduce}
+OPS = {"all_reduce": all_reduce_sum, "ring": ring_all_reduce}
 
 
 def bandwidth_probe(

@@ -1,5 +1,5 @@
-"""Data parallel training: written by hand (all_reduce of the gradients), then with
-``DistributedDataParallel``; checkpoint and resume (lesson 05).
+"""Data parallel training (lesson 05): written by hand (all_reduce of the gradients), then with
+``DistributedDataParallel``, and what synchronising costs.
 
 The idea in one line: N replicas of the model each take 1/N of the global batch, compute their
 gradients, *average* them with an all-reduce, and take the same optimizer step, so they stay
@@ -11,11 +11,9 @@ Every function here runs inside a worker whose default process group is initiali
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -24,6 +22,14 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from course_utils import data, launch, loop, models
+
+
+def wrap(model: nn.Module, device: torch.device) -> DistributedDataParallel:
+    """``model`` (already on ``device``) in ``DistributedDataParallel``: its constructor
+    broadcasts rank 0's weights, and every backward all-reduces the gradients, in buckets,
+    while later layers are still computing."""
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
 
 
 def average_gradients(model: nn.Module) -> None:
@@ -54,138 +60,6 @@ def broadcast_parameters(model: nn.Module, src: int = 0) -> None:
         dist.broadcast(tensor.data, src=src)
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum a small tensor over all ranks (for metrics: every rank gets the global figure)."""
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-# --- checkpoints ------------------------------------------------------------------------------
-
-CHECKPOINT_NAME = "latest.pt"
-
-
-def save_checkpoint(
-    directory: str | Path, model: nn.Module, optimizer, step: int, history: loop.History
-) -> Path:
-    """Save after ``step`` steps, atomically (write a temporary file, then rename): a crash while
-    saving leaves the previous checkpoint intact. Call it on rank 0 only."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / CHECKPOINT_NAME
-    tmp = directory / f".{CHECKPOINT_NAME}.{os.getpid()}.tmp"
-    state = {
-        "step": step,  # steps completed; the batches are a function of (seed, step)
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),  # SGD's momentum buffers
-        "losses": history.losses,
-        "accuracies": history.accuracies,
-    }
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def load_checkpoint(directory: str | Path | None, model: nn.Module, optimizer) -> dict | None:
-    """Restore model and optimizer from ``directory``'s checkpoint if there is one; return it
-    (``step``, ``losses``, ...) or None. ``weights_only=True``: a checkpoint can't run code."""
-    if directory is None:
-        return None
-    path = Path(directory) / CHECKPOINT_NAME
-    if not path.is_file():
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    return state
-
-
-# --- the training entry point's worker ------------------------------------------------------------
-
-
-def train_worker(cfg, progress: bool = False) -> dict | None:
-    """Train ``cfg`` (a :class:`course_utils.train.RunConfig`); rank 0 returns the results of
-    the CLI contract (less ``wall_s``), the other ranks None.
-
-    ``--parallel ddp``: every rank builds the same model from the seed, wraps it in
-    ``DistributedDataParallel``, takes its shard of each global batch, and DDP averages the
-    gradients during backward. The losses recorded are global means (the shards' loss sums are
-    all-reduced), so they equal ``--parallel none``'s at the same batch and seed.
-    ``--parallel none`` is the same loop in one process, without DDP and without a process group.
-    """
-    me = launch.worker()
-    distributed = cfg.parallel == "ddp"
-    torch.set_num_threads(cfg.threads_per_worker)
-    X, y = data.mnist("train")
-    X = models.prepare_input(cfg.model, X)
-    model = models.build(cfg.model, seed=cfg.seed).to(me.device)
-    optimizer = loop.make_optimizer(model, cfg.lr)
-    state = load_checkpoint(cfg.checkpoint, model, optimizer)  # every rank reads the same file
-    start_step = state["step"] if state else 0
-    if distributed:
-        device_ids = [me.device.index] if me.device.type == "cuda" else None
-        trained = DistributedDataParallel(model, device_ids=device_ids)
-    else:
-        trained = model
-
-    before = loop.History(batch_size=cfg.batch_size)
-    if state:  # continue the stopped run's history, so that the results hold every step
-        before.losses, before.accuracies = list(state["losses"]), list(state["accuracies"])
-
-    def on_step(i: int, run: loop.History) -> None:
-        done, every = start_step + i + 1, cfg.checkpoint_every
-        if cfg.checkpoint and me.is_main and (done == cfg.steps or (every and done % every == 0)):
-            save_checkpoint(cfg.checkpoint, model, optimizer, done, _merged(before, run))
-
-    world_size = me.world_size if distributed else 1
-    rank = me.rank if distributed else 0
-    batches = data.batches(X, y, cfg.batch_size, cfg.steps, cfg.seed, rank, world_size, start_step)
-    workers = f"{world_size} worker{'s' if world_size > 1 else ''}"
-    run = loop.fit(
-        trained,
-        optimizer,
-        batches,
-        cfg.steps - start_step,
-        batch_size=cfg.batch_size,
-        reduce=all_reduce_sum if distributed else None,
-        progress=progress and me.is_main,
-        desc=f"{cfg.model}, {cfg.parallel} ({workers})",
-        on_step=on_step,
-    )
-    if distributed and cfg.checkpoint:
-        dist.barrier()  # nobody leaves (and no restart reads) before rank 0 has saved
-    if distributed and not me.is_main:
-        return None
-    history = _merged(before, run)
-    result = {
-        "losses": history.losses,
-        "accuracies": history.accuracies,
-        "samples_per_s": run.samples_per_s,  # this run's steps only, start-up excluded
-        "resumed_from_step": start_step,
-        "backend": dist.get_backend() if distributed else "none",
-        "device": str(me.device),
-    }
-    if cfg.eval:
-        X_test, y_test = data.mnist("test")
-        result["test_accuracy"] = loop.evaluate(
-            model, models.prepare_input(cfg.model, X_test), y_test
-        )
-    return result
-
-
-def _merged(before: loop.History, run: loop.History) -> loop.History:
-    """The stopped run's history followed by this run's steps."""
-    return loop.History(
-        batch_size=run.batch_size or before.batch_size,
-        losses=before.losses + run.losses,
-        accuracies=before.accuracies + run.accuracies,
-        step_times=before.step_times + run.step_times,
-    )
-
-
-# --- measuring what synchronisation costs (lesson 05, benchmarks/bench_ddp.py) ---------------------
-
-
 def time_sync(model_name: str, batch_size: int, num_steps: int = 10, seed: int = 0) -> dict:
     """Seconds per DDP training step with the gradient all-reduce and without it (``no_sync``),
     steps alternating so that a noisy machine affects both alike; run it on every rank.
@@ -196,7 +70,7 @@ def time_sync(model_name: str, batch_size: int, num_steps: int = 10, seed: int =
     X, y = data.mnist("train")
     X = models.prepare_input(model_name, X)
     model = models.build(model_name, seed=seed).to(me.device)
-    trained = DistributedDataParallel(model)
+    trained = wrap(model, me.device)
     optimizer = loop.make_optimizer(model, lr=0.01)
     times = {"synced_s": [], "no_sync_s": [], "data_s": []}
     for step in range(2 * num_steps + 2):  # the first pair warms up and is not counted

@@ -27,19 +27,31 @@ def num_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def backend(use_gpu: bool | None = None) -> str:
-    """The torch.distributed backend: ``nccl`` for GPUs, ``gloo`` for CPU processes."""
-    if use_gpu is None:
-        use_gpu = num_gpus() > 0
-    return "nccl" if use_gpu else "gloo"
+DEVICES = ("auto", "cpu", "cuda")  # the choices of --device
 
 
-def device(local_rank: int = 0, use_gpu: bool | None = None) -> torch.device:
+def device_kind(device: str = "auto", nproc: int = 1) -> str:
+    """What ``device`` (``"auto"``, ``"cpu"`` or ``"cuda"``) means here for ``nproc`` workers on
+    this machine: ``"cuda"`` or ``"cpu"``. ``"auto"`` is CUDA only when there is a GPU for every
+    worker, so that workers of one run never mix GPUs and CPUs."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "auto":
+        return "cuda" if 0 < nproc <= num_gpus() else "cpu"
+    if device == "cuda" and num_gpus() == 0:
+        raise ValueError("device 'cuda' asked for, but no CUDA GPU is visible here")
+    return device
+
+
+def backend(kind: str = "auto") -> str:
+    """The torch.distributed backend for a device kind: ``nccl`` for GPUs, ``gloo`` for CPUs."""
+    return "nccl" if device_kind(kind) == "cuda" else "gloo"
+
+
+def device(local_rank: int = 0, kind: str = "auto") -> torch.device:
     """The device a worker with this *local* rank uses (never the global rank: see STYLE.md)."""
-    if use_gpu is None:
-        use_gpu = num_gpus() > 0
-    if use_gpu:
-        return torch.device("cuda", local_rank % max(num_gpus(), 1))
+    if device_kind(kind) == "cuda":
+        return torch.device("cuda", local_rank % num_gpus())
     return torch.device("cpu")
 
 

@@ -20,6 +20,26 @@ from tqdm.auto import tqdm
 
 
 @dataclass
+class Role:
+    """How one rank takes part in a run: what :func:`fit` trains and how. Each strategy builds
+    one (``course_utils.train`` for none and ddp, ``course_utils.pipeline.worker`` for
+    pipelines); the training path is then the same for all of them."""
+
+    module: nn.Module  # what fit() trains: the model, its DDP wrapper, or this rank's stage
+    optimizer: torch.optim.Optimizer
+    model: nn.Module | None = None  # the plain model (not a wrapper) when this rank holds it all
+    data_rank: int = 0  # which slice of each global batch this rank reads...
+    data_world_size: int = 1  # ...out of how many (1: the whole batch)
+    step_fn: Callable = None  # one training step (default: train_step)
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # metrics summed over ranks
+    is_main: bool = True  # the rank that reports the results
+    info: dict = field(default_factory=dict)  # strategy-specific results (e.g. pipeline stages)
+
+    def __post_init__(self):
+        self.step_fn = self.step_fn or train_step
+
+
+@dataclass
 class History:
     """Per-step metrics of a run. ``batch_size`` is the global batch (all workers together)."""
 
@@ -36,6 +56,15 @@ class History:
 
     def as_dict(self) -> dict:
         return {**asdict(self), "samples_per_s": self.samples_per_s}
+
+    def __add__(self, later: History) -> History:
+        """This history followed by a later run's steps (a resumed run's whole record)."""
+        return History(
+            batch_size=later.batch_size or self.batch_size,
+            losses=self.losses + later.losses,
+            accuracies=self.accuracies + later.accuracies,
+            step_times=self.step_times + later.step_times,
+        )
 
 
 def train_step(

@@ -3,8 +3,9 @@
 import json
 
 import pytest
+import torch
 
-from course_utils import train
+from course_utils import data, loop, models, train
 
 CONTRACT_KEYS = {
     "model",
@@ -22,17 +23,23 @@ CONTRACT_KEYS = {
 
 @pytest.mark.parametrize("model", ["cnn", "rnn"])
 def test_cli_writes_the_contract_json(cli, tmp_path, model):
-    out = tmp_path / "out.json"
+    out, ckpt = tmp_path / "out.json", tmp_path / "ckpt"
     proc = cli(
-        "--model", model, "--parallel", "none", "--steps", "50", "--json", str(out), "--eval"
-    )
+        "--model", model, "--parallel", "none", "--steps", "50", "--json", str(out), "--eval",
+        "--checkpoint", str(ckpt),
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert CONTRACT_KEYS | {"test_accuracy"} <= result.keys()
     assert result["model"] == model and result["nproc"] == 1 and result["steps"] == 50
     assert len(result["losses"]) == 50 and result["samples_per_s"] > 0
     assert result["losses"][-1] < result["losses"][0]  # it learns
-    assert 0.0 <= result["test_accuracy"] <= 1.0
+    # --eval is the accuracy of the trained model (saved at the end) on the held-out digits
+    trained = models.build(model)
+    trained.load_state_dict(torch.load(ckpt / "latest.pt", weights_only=True)["model"])
+    X_test, y_test = data.mnist("test")
+    expected = loop.evaluate(trained, models.prepare_input(model, X_test), y_test)
+    assert result["test_accuracy"] == expected and expected > 0.2  # above chance (0.1)
     assert f"{model}: final loss" in proc.stdout
 
 
@@ -49,6 +56,7 @@ def test_cli_writes_the_contract_json(cli, tmp_path, model):
         (["--steps", "ten"], "invalid int value"),
         (["--nproc", "2"], "--parallel none runs one process"),
         (["--bogus"], "unrecognized arguments"),
+        (["--device", "tpu"], "invalid choice"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_nonzero_exit(cli, args, message):

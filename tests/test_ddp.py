@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from conftest import ROOT
 
-from course_utils import data, ddp, hardware, launch, loop, models
+from course_utils import collectives, data, ddp, hardware, launch, loop, models
 from course_utils.train import RunConfig, UsageError, run
 
 
@@ -49,22 +49,35 @@ def hand_written_vs_ddp(model_name: str, batch_size: int, steps: int):
             batches,
             steps,
             step_fn=step_fn,
-            reduce=ddp.all_reduce_sum,
+            reduce=collectives.all_reduce_sum,
             progress=False,
         )
         out[name] = (history.losses, [p.detach().clone() for p in model.parameters()])
     return out
 
 
-def test_use_gpu_holds_for_a_run_in_this_process_too(monkeypatch):
-    # On a box with a GPU, one process would train on it by default; use_gpu=False keeps it on
-    # the CPU, like the CPU workers it is compared with, and the choice does not outlive the run.
+def where_am_i():
+    me = launch.worker()
+    return str(me.device), me.backend, dist.get_backend()
+
+
+def test_the_device_is_a_parameter_not_an_environment_variable(monkeypatch):
+    # Pretend this machine has one GPU: "auto" takes it for one worker, not for two (workers of
+    # one run never mix a GPU with CPUs); "cpu" keeps a run on the CPU, here or in workers.
     monkeypatch.setattr(hardware, "num_gpus", lambda: 1)
-    monkeypatch.delenv("COURSE_USE_GPU", raising=False)
-    assert launch.worker().device == torch.device("cuda", 0)  # the default there
-    result = run(RunConfig(model="cnn", batch_size=16, steps=1), progress=False, use_gpu=False)
+    assert hardware.device_kind("auto", 1) == "cuda" and hardware.device_kind("auto", 2) == "cpu"
+    assert launch.worker().device == torch.device("cuda", 0)  # "auto", one process
+    environment = dict(os.environ)
+    result = run(RunConfig(model="cnn", batch_size=16, steps=1, device="cpu"), progress=False)
     assert result["device"] == "cpu"
-    assert "COURSE_USE_GPU" not in os.environ
+    assert launch.run(where_am_i, 2, device="auto") == [("cpu", "gloo", "gloo")] * 2
+    assert launch.run(where_am_i, 1, device="cpu") == [("cpu", "gloo", "gloo")]
+    assert dict(os.environ) == environment  # nothing travelled through the environment
+    monkeypatch.setattr(hardware, "num_gpus", lambda: 0)
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        hardware.device_kind("cuda")
+    with pytest.raises(UsageError, match="--device cuda"):
+        run(RunConfig(steps=1, device="cuda"), progress=False)
 
 
 def test_hand_written_data_parallel_equals_ddp_and_replicas_stay_identical():

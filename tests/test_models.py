@@ -28,11 +28,14 @@ def test_build_is_seeded_and_rejects_unknown_models():
         cu.models.build("transformer")
 
 
-def test_rnn_initial_state_shape_is_what_nn_rnn_wants():
-    """The article's h0 of shape (hidden, batch) makes nn.RNN raise; the corrected one runs."""
-    rnn = torch.nn.RNN(28, 16, batch_first=True)
+def test_the_course_rnn_starts_from_a_zero_state_of_the_shape_nn_rnn_wants():
+    """The article's h0 of shape (hidden, batch) makes nn.RNN raise; the corrected RNN builds
+    (num_layers, batch, hidden) zeros for whatever batch it is given."""
+    model = cu.models.build("rnn", seed=0)
     x = torch.randn(4, 28, 28)
     with pytest.raises(RuntimeError):
-        rnn(x, torch.zeros(16, 4))  # the article's shape
-    out, h = rnn(x, torch.zeros(1, 4, 16))  # (num_layers, batch, hidden)
-    assert out.shape == (4, 28, 16) and h.shape == (1, 4, 16)
+        model.rnn(x, torch.zeros(model.hidden_size, 4))  # the article's shape
+    out, h = model.rnn(x, torch.zeros(1, 4, model.hidden_size))
+    assert out.shape == (4, 28, model.hidden_size) and h.shape == (1, 4, model.hidden_size)
+    torch.testing.assert_close(model(x), model.fc(out[:, -1]))  # logits from the last step
+    torch.testing.assert_close(model(x[:1]), model(x)[:1])  # one state per sample, any batch

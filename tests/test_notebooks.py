@@ -43,8 +43,8 @@ def test_workers_with_cpu_tensors_are_launched_as_cpu_workers():
     # On a machine with GPUs, cu.launch.run gives its workers NCCL and a GPU each: a worker that
     # keeps its tensors on the CPU then fails ("no GPU tensor" in NCCL), and a speedup over a CPU
     # baseline would compare a GPU with a CPU. Lessons 06 and 07 write such workers throughout, and
-    # lesson 05 the ones it defines itself: they must ask for CPU workers. (Lesson 04's workers
-    # put their tensors on cu.launch.worker().device and run on either.)
+    # lesson 05 the ones it defines itself: they must ask for CPU workers (device="cpu"). (Lesson
+    # 04's workers put their tensors on cu.launch.worker().device and run on either.)
     missing = []
     for path in NOTEBOOKS:
         cells = code_cells(path)
@@ -55,6 +55,6 @@ def test_workers_with_cpu_tensors_are_launched_as_cpu_workers():
                 cpu_only = path.stem[:2] in ("06", "07") or (
                     path.stem[:2] == "05" and worker in defined
                 )
-                if cpu_only and "use_gpu=False" not in call:
+                if cpu_only and 'device="cpu"' not in call:
                     missing.append(f"{path.name}: cu.launch.run({worker}, ...)")
     assert not missing, "\n".join(missing)

@@ -4,24 +4,16 @@
 Workers are launched with threads=1: this process runs torch ops itself, and a forked worker
 that then used several OpenMP threads could hang (GNU OpenMP is not fork-safe)."""
 
-import os
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
 
-os.environ.setdefault("MPLBACKEND", "Agg")
+import course_utils as cu
+from course_utils.config import RunConfig
+from course_utils.pipeline import schedules, stages, worker
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import course_utils as cu  # noqa: E402
-from course_utils import pipeline  # noqa: E402
-from course_utils.train import RunConfig  # noqa: E402
-
-SETTINGS = [(s, p, m) for s in pipeline.SCHEDULES for p in (1, 2, 3, 4) for m in (1, 2, 3, 4, 8)]
+SETTINGS = [(s, p, m) for s in schedules.SCHEDULES for p in (1, 2, 3, 4) for m in (1, 2, 3, 4, 8)]
 
 
 # --- schedules on paper -----------------------------------------------------------------------
@@ -45,27 +37,27 @@ def check_timeline(events, num_stages, num_microbatches):
 @pytest.mark.parametrize("schedule,p,m", SETTINGS)
 def test_schedule_is_valid_and_its_bubble_is_the_formula(schedule, p, m):
     for forward, backward in ((1, 1), (1, 2)):
-        events = pipeline.simulate(schedule, p, m, forward, backward)
+        events = schedules.simulate(schedule, p, m, forward, backward)
         check_timeline(events, p, m)
-        assert pipeline.makespan(events) == pytest.approx((m + p - 1) * (forward + backward))
-        assert pipeline.bubble_fraction(events, p) == pytest.approx(pipeline.bubble_formula(p, m))
-    grid = pipeline.table(schedule, p, m)
+        assert schedules.makespan(events) == pytest.approx((m + p - 1) * (forward + backward))
+        assert schedules.bubble_fraction(events, p) == pytest.approx(schedules.bubble_formula(p, m))
+    grid = schedules.table(schedule, p, m)
     assert len(grid) == p and all(len(row) == 2 * (m + p - 1) for row in grid)
     for s, row in enumerate(grid):
         assert sorted(c for c in row if c) == sorted(f"{k}{i}" for k in "FB" for i in range(m))
         assert row.index("F0") == s  # microbatch 0 reaches stage s after s slots
     expected = [m] * p if schedule == "gpipe" else [min(p - s, m) for s in range(p)]
-    assert pipeline.peak_in_flight(schedule, p, m) == expected
+    assert schedules.peak_in_flight(schedule, p, m) == expected
 
 
 def test_unequal_stages_and_communication():
     # p = 2, m = 1: F on stage 0, send, F on 1, B on 1, send, B on 0, all in a row.
-    events = pipeline.simulate("gpipe", 2, 1, forward=[1, 2], backward=[3, 4], comm=0.5)
-    assert pipeline.makespan(events) == pytest.approx(1 + 0.5 + 2 + 4 + 0.5 + 3)
+    events = schedules.simulate("gpipe", 2, 1, forward=[1, 2], backward=[3, 4], comm=0.5)
+    assert schedules.makespan(events) == pytest.approx(1 + 0.5 + 2 + 4 + 0.5 + 3)
     check_timeline(events, 2, 1)
     # With m microbatches the slowest stage sets the pace: makespan >= m * its time.
-    events = pipeline.simulate("1f1b", 2, 8, forward=[1, 3], backward=[1, 3])
-    assert pipeline.makespan(events) >= 8 * 6
+    events = schedules.simulate("1f1b", 2, 8, forward=[1, 3], backward=[1, 3])
+    assert schedules.makespan(events) >= 8 * 6
     check_timeline(events, 2, 8)
 
 
@@ -76,75 +68,72 @@ def test_unequal_stages_and_communication():
 def test_units_compose_to_the_model(name):
     model = cu.models.build(name, seed=0)
     X = cu.models.prepare_input(name, cu.data.mnist("train", limit=8)[0])
-    pieces = pipeline.units(name, model)
-    assert len(pieces) == pipeline.max_stages(name) == len(pipeline.UNIT_NAMES[name])
-    for sizes in ([len(pieces)], pipeline.even_sizes(name, len(pieces))):
+    pieces = stages.units(name, model)
+    assert len(pieces) == stages.max_stages(name) == len(stages.UNIT_NAMES[name])
+    for sizes in ([len(pieces)], stages.even_sizes(name, len(pieces))):
         h = X
-        for stage in pipeline.split(name, model, sizes):
+        for stage in stages.split(name, model, sizes):
             h = stage(h)
         torch.testing.assert_close(h, model(X), rtol=1e-5, atol=1e-5)
-    stages = pipeline.split(name, model, pipeline.even_sizes(name, 2))
-    state = pipeline.assemble([p for s in stages for p in pipeline.full_pieces(s)])
+    two = stages.split(name, model, stages.even_sizes(name, 2))
+    state = stages.assemble([p for s in two for p in stages.full_pieces(s)])
     assert state.keys() == model.state_dict().keys()
     for k, v in model.state_dict().items():
         torch.testing.assert_close(state[k], v)
-    shapes = pipeline.boundary_shapes(stages, X)
+    shapes = stages.boundary_shapes(two, X)
     assert shapes[-1] == (10,)
 
 
-def test_a_conv2_split_anywhere_is_still_the_model():
+def test_plan_balances_the_measured_costs_of_the_units():
+    # conv1 block costly (as on a CPU), conv2's halves even, fc a sliver
     costs = [(10.0, 10.0), (8.5, 8.5), (13.5, 13.5), (0.5, 0.5)]
-    assert pipeline.plan("cnn", costs, 2) == ([2, 2], None)
-    model = cu.models.build("cnn", seed=0)
-    X = cu.data.mnist("train", limit=4)[0]
-    for split in (8, 24, 48):
-        h = X
-        for stage in pipeline.split("cnn", model, [2, 2], conv2_split=split):
-            h = stage(h)
-        torch.testing.assert_close(h, model(X), rtol=1e-5, atol=1e-5)
-    assert pipeline.unit_names("cnn", 24)[1:3] == ["conv2 ch 0-23", "conv2 ch 24-63 + pool"]
+    assert stages.plan(costs, 2) == [2, 2]  # 37 vs 28
+    assert stages.plan([(8.0, 8.0), (1.0, 1.0), (1.0, 1.0), (1.0, 1.0)], 2) == [1, 3]
+    assert stages.plan(costs, 4) == [1, 1, 1, 1]
+    assert stages.unit_names("cnn")[1:3] == ["conv2 ch 0-31", "conv2 ch 32-63 + pool"]
+    sim = stages.simulate_plan(costs, "gpipe", 2, 4)
+    busy = {s: sum(e.end - e.start for e in sim if e.stage == s) for s in (0, 1)}
+    assert busy == pytest.approx({0: 4 * 37.0, 1: 4 * 28.0})  # each stage's units, m times
 
 
 def test_balance_minimises_the_slowest_stage():
-    assert pipeline.balance([1, 5, 5, 1], 2) == [2, 2]
-    assert pipeline.balance([8, 1, 1, 1], 2) == [1, 3]
-    assert pipeline.balance([1, 1, 1, 1], 4) == [1, 1, 1, 1]
+    assert stages.balance([1, 5, 5, 1], 2) == [2, 2]
+    assert stages.balance([8, 1, 1, 1], 2) == [1, 3]
+    assert stages.balance([1, 1, 1, 1], 4) == [1, 1, 1, 1]
     with pytest.raises(ValueError):
-        pipeline.balance([1, 1], 3)
-    costs = pipeline.unit_costs(
-        pipeline.units("cnn", cu.models.build("cnn", seed=0)), *cu.data.mnist("train", limit=16)
+        stages.balance([1, 1], 3)
+    costs = stages.unit_costs(
+        stages.units("cnn", cu.models.build("cnn", seed=0)), *cu.data.mnist("train", limit=16)
     )
     assert len(costs) == 4 and all(f > 0 and b > 0 for f, b in costs)
 
 
 def test_saved_bytes_counts_activations_not_weights():
     model = cu.models.build("cnn", seed=0)
-    head = pipeline.units("cnn", model)[-1]  # flatten + fc: autograd keeps fc's input
+    head = stages.units("cnn", model)[-1]  # flatten + fc: autograd keeps fc's input
     x = torch.randn(16, 64, 7, 7)
-    assert pipeline.saved_bytes(head, x) == x.numel() * 4
+    assert stages.saved_bytes(head, x) == x.numel() * 4
 
 
 def test_config_errors():
     ok = dict(model="cnn", nproc=2, batch_size=64, microbatches=4, schedule="1f1b")
-    assert pipeline.config_error(**ok) is None
-    assert "at most 4 pipeline stages" in pipeline.config_error(**{**ok, "nproc": 5})
-    assert "at most 2" in pipeline.config_error(**{**ok, "model": "rnn", "nproc": 3})
-    assert "does not divide" in pipeline.config_error(**{**ok, "microbatches": 5})
-    assert "at least 1" in pipeline.config_error(**{**ok, "microbatches": 0})
-    assert "1f1b needs" in pipeline.config_error(**{**ok, "nproc": 4, "microbatches": 2})
-    assert (
-        pipeline.config_error(**{**ok, "nproc": 4, "microbatches": 2, "schedule": "gpipe"}) is None
-    )
-    assert "--schedule" in pipeline.config_error(**{**ok, "schedule": "zb"})
+    assert worker.config_error(**ok) is None
+    assert "at most 4 pipeline stages" in worker.config_error(**{**ok, "nproc": 5})
+    assert "at most 2" in worker.config_error(**{**ok, "model": "rnn", "nproc": 3})
+    assert "does not divide" in worker.config_error(**{**ok, "microbatches": 5})
+    assert "at least 1" in worker.config_error(**{**ok, "microbatches": 0})
+    assert "1f1b needs" in worker.config_error(**{**ok, "nproc": 4, "microbatches": 2})
+    assert worker.config_error(**{**ok, "nproc": 4, "microbatches": 2, "schedule": "gpipe"}) is None
+    assert "--schedule" in worker.config_error(**{**ok, "schedule": "zb"})
 
 
 # --- real pipelines against one process ---------------------------------------------------------
 
 
-def one_step(name, sizes, m, schedule, engine, batch_size, conv2_split=None):
+def one_step(name, sizes, m, schedule, engine, batch_size):
     """Worker: one batch forward and backward through the pipeline; loss (last stage), the full
     model's gradients (rank 0) and this rank's timeline."""
-    pipe = pipeline.Pipeline(name, sizes, m, schedule, engine, seed=0, conv2_split=conv2_split)
+    pipe = worker.Pipeline(name, sizes, m, schedule, engine, seed=0)
     X, y = cu.data.mnist("train")
     X, y = next(cu.data.batches(cu.models.prepare_input(name, X), y, batch_size, 1, seed=0))
     pipe.events = []
@@ -152,10 +141,9 @@ def one_step(name, sizes, m, schedule, engine, batch_size, conv2_split=None):
     return float(loss), pipe.full_grads(), pipe.events
 
 
-@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:4 workers on")  # 4 stages on fewer cores: still exact
-@pytest.mark.parametrize("engine", pipeline.ENGINES)
-@pytest.mark.parametrize("schedule", pipeline.SCHEDULES)
+@pytest.mark.parametrize("engine", worker.ENGINES)
+@pytest.mark.parametrize("schedule", schedules.SCHEDULES)
 @pytest.mark.parametrize("name,sizes", [("cnn", [2, 2]), ("rnn", [1, 1]), ("cnn", [1, 1, 1, 1])])
 def test_pipeline_equals_one_process(name, sizes, schedule, engine):
     if len(sizes) == 4 and engine == "hand":
@@ -166,9 +154,8 @@ def test_pipeline_equals_one_process(name, sizes, schedule, engine):
     X, y = next(cu.data.batches(cu.models.prepare_input(name, X), y, batch_size, 1, seed=0))
     loss = F.cross_entropy(model(X), y)
     loss.backward()
-    split = 24 if name == "cnn" else None  # any split of conv2 computes the same
     results = cu.launch.run(
-        one_step, len(sizes), name, sizes, m, schedule, engine, batch_size, split, threads=1
+        one_step, len(sizes), name, sizes, m, schedule, engine, batch_size, threads=1
     )
     assert results[-1][0] == pytest.approx(loss.item(), rel=1e-5)
     grads = results[0][1]
@@ -177,10 +164,9 @@ def test_pipeline_equals_one_process(name, sizes, schedule, engine):
         torch.testing.assert_close(grads[k], p.grad, rtol=1e-4, atol=1e-6)
     for rank, (_, _, events) in enumerate(results):  # the order run is the schedule's order
         ran = [(e.kind, e.microbatch) for e in sorted(events, key=lambda e: e.start)]
-        assert ran == pipeline.stage_order(schedule, len(sizes), m, rank)
+        assert ran == schedules.stage_order(schedule, len(sizes), m, rank)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name,schedule", [("cnn", "gpipe"), ("rnn", "1f1b")])
 def test_train_worker_matches_parallel_none(name, schedule):
     none = cu.train.run(RunConfig(model=name, steps=4, batch_size=32, eval=True), progress=False)
@@ -194,29 +180,30 @@ def test_train_worker_matches_parallel_none(name, schedule):
         schedule=schedule,
         eval=True,
     )
-    result, other = cu.launch.run(pipeline.train_worker, 2, cfg, threads=1)
+    result, other = cu.launch.run(cu.train.train_worker, 2, cfg, threads=1)
     assert other is None
     np.testing.assert_allclose(result["losses"], none["losses"], rtol=1e-4)
     np.testing.assert_allclose(result["accuracies"], none["accuracies"])
     assert result["test_accuracy"] == pytest.approx(none["test_accuracy"], abs=2e-3)
-    assert result["samples_per_s"] > 0 and sum(result["stage_sizes"]) == pipeline.max_stages(name)
+    assert result["samples_per_s"] > 0 and sum(result["stage_sizes"]) == stages.max_stages(name)
 
 
-@pytest.mark.slow
-def test_profile_worker_records_every_rank():
-    result, _ = cu.launch.run(
-        pipeline.profile_worker, 2, "cnn", 4, "1f1b", "torch", 32, 2, threads=1
-    )
-    check_timeline(result["events"], 2, 4)
-    assert result["samples_per_s"] > 0 and len(result["losses"]) == 2
-    assert 0 <= pipeline.bubble_fraction(result["events"], 2) < 1
+def test_profile_records_every_rank_and_trains_like_one_process():
+    run = worker.Profile("cnn", microbatches=4, schedule="1f1b", engine="torch", batch_size=32)
+    run.num_steps = 3
+    result, other = cu.launch.run(worker.profile, 2, run, threads=1)
+    assert other is None
+    check_timeline(result["events"], 2, 4)  # the last step: every F and B of both stages
+    assert result["samples_per_s"] > 0 and sum(result["sizes"]) == stages.max_stages("cnn")
+    none = cu.train.run(RunConfig(steps=3, batch_size=32), progress=False)
+    np.testing.assert_allclose(result["losses"], none["losses"], rtol=1e-4)
 
 
 # --- plots and the widget ---------------------------------------------------------------------
 
 
 def test_gantt_draws_one_bar_per_event():
-    events = pipeline.simulate("1f1b", 3, 4)
+    events = schedules.simulate("1f1b", 3, 4)
     fig = cu.plots.gantt(events, unit="slot")
     assert len(fig.axes[0].patches) == len(events)
     fig = cu.plots.bubble(
@@ -230,7 +217,7 @@ def test_pipeline_panel_simulates_on_change_and_runs_on_click():
 
     def fake_launch(stages, microbatches, schedule, engine):
         calls.append((stages, microbatches, schedule, engine))
-        events = pipeline.simulate(schedule, stages, microbatches, 1e-3, 2e-3)
+        events = schedules.simulate(schedule, stages, microbatches, 1e-3, 2e-3)
         return {"samples_per_s": 100.0 * stages, "events": events}
 
     panel = cu.widgets.PipelinePanel("cnn", batch_size=16, baseline=100.0, launch=fake_launch)
@@ -250,6 +237,9 @@ def test_pipeline_panel_simulates_on_change_and_runs_on_click():
     panel.controls["microbatches"].value = 2
     panel.run_button.click()  # 1F1B needs m >= p with torch: shown in the panel, not run
     assert "1f1b needs" in panel.last_error and len(calls) == 1
+    assert "\n" not in panel.last_error and "Traceback" not in panel.last_error  # one line
+    assert "1f1b needs" in panel.status.value
+    assert not any("Traceback" in str(out) for out in panel.output.outputs)
 
 
 def test_pipeline_panel_runs_cpu_workers_like_its_baseline(monkeypatch):
@@ -257,9 +247,9 @@ def test_pipeline_panel_runs_cpu_workers_like_its_baseline(monkeypatch):
     # must be CPU processes too, even where the launcher would pick GPUs.
     seen = []
 
-    def fake_run(fn, nproc, *args, use_gpu=None, **kwargs):
-        seen.append(use_gpu)
-        return [{"samples_per_s": 100.0, "events": pipeline.simulate("gpipe", nproc, 2, 1, 2)}]
+    def fake_run(fn, nproc, *args, device="auto", **kwargs):
+        seen.append(device)
+        return [{"samples_per_s": 100.0, "events": schedules.simulate("gpipe", nproc, 2, 1, 2)}]
 
     monkeypatch.setattr(cu.hardware, "num_gpus", lambda: 8)
     monkeypatch.setattr(cu.launch, "run", fake_run)
@@ -267,10 +257,9 @@ def test_pipeline_panel_runs_cpu_workers_like_its_baseline(monkeypatch):
     panel.controls["microbatches"].value = 2
     panel.run_button.click()
     assert panel.last_error is None, panel.last_error
-    assert seen == [False]
+    assert seen == ["cpu"]
 
 
-@pytest.mark.slow
 def test_pipeline_panel_real_run():
     panel = cu.widgets.PipelinePanel("rnn", batch_size=32, num_steps=2)
     panel.controls["microbatches"].value = 2
@@ -282,7 +271,6 @@ def test_pipeline_panel_real_run():
     check_timeline(result["events"], 2, 2)
 
 
-@pytest.mark.slow
 def test_interleaved_1f1b_equals_one_process():
     # 4 stages on 2 ranks: rank 0 holds stages 0 and 2, rank 1 stages 1 and 3.
     batch_size, m = 32, 4
@@ -303,5 +291,5 @@ def test_interleaved_1f1b_equals_one_process():
         for i in range(m)
         for _ in range(2)  # each microbatch on 2 stages
     )
-    assert "2 stages per worker" in pipeline.config_error("rnn", 2, 32, 4, "interleaved1f1b")
-    assert pipeline.config_error("cnn", 2, 32, 4, "interleaved1f1b") is None
+    assert "2 stages per worker" in worker.config_error("rnn", 2, 32, 4, "interleaved1f1b")
+    assert worker.config_error("cnn", 2, 32, 4, "interleaved1f1b") is None

@@ -1,19 +1,12 @@
 """Lesson 03: Amdahl's and Gustafson's laws, the Karp-Flatt metric, their panel and figures."""
 
 import math
-import os
 
-os.environ.setdefault("MPLBACKEND", "Agg")
+import numpy as np
+import pytest
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-import course_utils as cu  # noqa: E402
-from course_utils import scaling  # noqa: E402
+import course_utils as cu
+from course_utils import scaling
 
 
 def test_amdahl_known_values():
@@ -126,7 +119,9 @@ def test_panel_redraws_when_a_slider_moves():
 @pytest.mark.parametrize("kind", ["data", "task", "pipeline"])
 def test_parallelism_diagrams_draw(kind):
     fig = cu.plots.parallelism(kind)
-    assert fig.axes[0].patches  # boxes were drawn
+    labels = [t.get_text() for t in fig.axes[0].texts]
+    expected = {"data": "x7", "task": "lr 0.1", "pipeline": "F3"}[kind]  # the last item of work
+    assert expected in labels and fig.axes[0].patches
     with pytest.raises(ValueError, match="kind"):
         cu.plots.parallelism("tensor")
 
@@ -143,4 +138,11 @@ def test_scaling_figures():
     fig = cu.plots.speedup_bars(["1 thread", "2 threads"], [0.0199, 0.0102])  # below 1 s: in ms
     assert [t.get_text() for t in fig.axes[0].texts] == ["19.9 ms\n1.00×", "10.2 ms\n1.95×"]
     assert [bar.get_height() for bar in fig.axes[0].patches] == pytest.approx([19.9, 10.2])
-    cu.plots.memory_models()
+    shared, messages = cu.plots.memory_models().axes
+
+    def texts(ax):
+        return " ".join(t.get_text() for t in ax.texts)
+
+    assert all(f"thread {t}" in texts(shared) for t in range(3))  # one memory, three threads
+    assert "process" not in texts(shared) and "all-reduce" in texts(messages)
+    assert all(f"memory of\nprocess {w}" in texts(messages) for w in range(2))  # one each

@@ -38,6 +38,9 @@ def test_the_cli_writes_the_contract_for_a_pipeline(tmp_path, cli):
     proc = cli(*args, "--steps", "3", "--eval", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
-    assert len(result["losses"]) == 3 and 0 <= result["test_accuracy"] <= 1
+    assert len(result["losses"]) == 3 and sum(result["stage_sizes"]) == 4  # every unit, once
+    # --eval gathers the stages into one model: it scores as the same model trained in one piece
+    none = run(RunConfig(model="cnn", steps=3, eval=True), progress=False)
+    assert result["test_accuracy"] == pytest.approx(none["test_accuracy"], abs=2e-3)
     bad = cli("--model", "cnn", "--parallel", "pipeline", "--nproc", "2", "--microbatches", "5")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "train: error:" in bad.stderr

@@ -1,17 +1,9 @@
 """The lesson panels, driven without a browser: set the controls, click, read the results."""
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("MPLBACKEND", "Agg")
-
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import course_utils as cu  # noqa: E402
+import course_utils as cu
 
 
 class TinyModel(torch.nn.Module):
@@ -82,7 +74,7 @@ def test_a_failing_measurement_is_shown_not_raised(data):
     assert panel.results == [] and not panel.run_button.disabled
 
 
-def test_measurements_plot_handles_groups_and_empty_input():
+def test_measurements_plot_draws_one_sorted_line_per_group_and_nothing_for_no_points():
     points = [
         {"batch_size": 64, "threads": 2, "samples_per_s": 300.0},
         {"batch_size": 16, "threads": 2, "samples_per_s": 100.0},
@@ -92,4 +84,7 @@ def test_measurements_plot_handles_groups_and_empty_input():
     lines = fig.axes[0].lines
     assert len(lines) == 2  # one per thread count
     assert list(lines[1].get_xdata()) == [16, 64]  # sorted along x
-    cu.plots.measurements([], x="batch_size", y="samples_per_s", by="threads")
+    assert [line.get_label() for line in lines] == ["threads = 1", "threads = 2"]
+    assert list(lines[1].get_ydata()) == [100.0, 300.0]
+    empty = cu.plots.measurements([], x="batch_size", y="samples_per_s", by="threads")
+    assert len(empty.axes[0].lines) == 0 and empty.axes[0].get_legend() is None  # before any Run

@@ -1,11 +1,19 @@
 """Every figure of the course, one module per lesson group, all importable from here:
 ``cu.plots.curves(...)``, ``cu.plots.gantt(...)``. Each function takes ``ax=None`` (or draws its
-own grid) and returns the figure; importing this package changes no global matplotlib state."""
+own grid) and returns the figure; importing this package changes no global matplotlib state.
 
-from course_utils.plots.basics import *  # noqa: F403
+- :mod:`~course_utils.plots.core`: lessons 01-02 (curves, images, throughput, step times) and
+  :func:`measurements`, which every panel's points use;
+- :mod:`~course_utils.plots.diagrams` and :mod:`~course_utils.plots.scaling_laws`: lesson 03;
+- :mod:`~course_utils.plots.communication`: lesson 04; :mod:`~course_utils.plots.data_parallel`:
+  lesson 05; :mod:`~course_utils.plots.pipeline`: lesson 06; :mod:`~course_utils.plots.faq`:
+  lesson 07.
+"""
+
 from course_utils.plots.communication import *  # noqa: F403
 from course_utils.plots.core import *  # noqa: F403
-from course_utils.plots.core import _axes, _smooth  # noqa: F401
 from course_utils.plots.data_parallel import *  # noqa: F403
+from course_utils.plots.diagrams import *  # noqa: F403
 from course_utils.plots.faq import *  # noqa: F403
 from course_utils.plots.pipeline import *  # noqa: F403
+from course_utils.plots.scaling_laws import *  # noqa: F403

@@ -9,6 +9,8 @@ import numpy as np
 
 from course_utils.plots.core import _axes
 
+__all__ = ["collective_diagram", "ring_steps", "bandwidth"]
+
 
 def collective_diagram(before, after, title: str | None = None, ax=None):
     """What a collective did: each rank's values before (left) and after (right), one row per rank.
@@ -144,6 +146,3 @@ def _bytes_label(nbytes: float) -> str:
         if nbytes >= scale:
             return f"{nbytes / scale:g} {unit}"
     return f"{nbytes:g} B"
-
-
-# --- lesson 05: data parallel ------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Figures of lessons 01 and 02 (curves, images, feature maps, throughput, step times), and the
-helpers every figure uses."""
+helpers every figure uses (:func:`measurements` draws any widget's points)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,18 @@ from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
+
+__all__ = [
+    "curves",
+    "feature_maps",
+    "throughput",
+    "stacked_bars",
+    "sequence_view",
+    "step_time",
+    "images",
+    "grouped_bars",
+    "measurements",
+]
 
 
 def _axes(ax=None, figsize=(6, 4)):
@@ -40,39 +52,6 @@ def curves(histories: dict, smooth: int = 10, axes=None):
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    return fig
-
-
-def image_grid(
-    images,
-    labels=None,
-    predictions=None,
-    ncols: int = 10,
-    title: str | None = None,
-    cmap: str = "gray",
-):
-    """A grid of images (N, H, W) or (N, 1, H, W), with their labels (and predictions) above."""
-    images = np.asarray(images)
-    if images.ndim == 4:
-        images = images[:, 0]
-    n = len(images)
-    nrows = int(np.ceil(n / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(1.2 * ncols, 1.35 * nrows), squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i >= n:
-            continue
-        ax.imshow(images[i], cmap=cmap)
-        if labels is not None:
-            text = str(int(labels[i]))
-            color = "black"
-            if predictions is not None:
-                text += f" → {int(predictions[i])}"
-                color = "green" if predictions[i] == labels[i] else "red"
-            ax.set_title(text, fontsize=9, color=color)
-    if title:
-        fig.suptitle(title)
     fig.tight_layout()
     return fig
 
@@ -199,19 +178,31 @@ def step_time(
 def images(
     images,
     titles: Sequence[str] | None = None,
+    labels=None,
+    predictions=None,
     ncols: int | None = None,
     cmap: str = "gray",
     signed: bool = False,
     title: str | None = None,
     size: float = 2.0,
 ):
-    """A row (or grid) of images (N, H, W), each with its own title; with ``signed``, a blue-white-red
-    colormap centred on 0 for images with negative values (filter kernels, edge maps)."""
+    """A row (or grid of ``ncols`` columns) of images (N, H, W) or (N, 1, H, W), each with its
+    own title: ``titles``, or the ``labels`` (with ``predictions``: "label → prediction", green
+    when right and red when wrong). With ``signed``, a blue-white-red colormap centred on 0 for
+    images with negative values (filter kernels, edge maps)."""
     images = [np.asarray(im, dtype=float) for im in images]
+    images = [im[0] if im.ndim == 3 else im for im in images]  # (1, H, W): one channel
     n = len(images)
-    ncols = ncols or n
+    colors = ["black"] * n
+    if titles is None and labels is not None:
+        titles = [str(int(label)) for label in labels[:n]]
+        if predictions is not None:
+            titles = [f"{t} → {int(p)}" for t, p in zip(titles, predictions)]
+            colors = ["green" if p == t else "red" for t, p in zip(labels, predictions)]
+    ncols = min(ncols or n, max(n, 1))
     nrows = int(np.ceil(n / ncols))
-    figsize = (size * ncols, size * nrows + 0.4)  # + room for the titles
+    row = size + (0.35 if titles is not None else 0.0)  # room for each image's title
+    figsize = (size * ncols, row * nrows + (0.45 if title else 0.0))
     fig, axes = plt.subplots(nrows, ncols, figsize=figsize, squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
@@ -224,7 +215,7 @@ def images(
         else:
             ax.imshow(im, cmap=cmap)
         if titles is not None:
-            ax.set_title(titles[i], fontsize=9)
+            ax.set_title(titles[i], fontsize=9, color=colors[i])
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -290,6 +281,3 @@ def measurements(
         ax.legend()
     fig.tight_layout()
     return fig
-
-
-# --- lesson 03: kinds of parallelism, memory models, scaling laws, timings ---------------------

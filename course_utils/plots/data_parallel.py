@@ -9,6 +9,8 @@ import numpy as np
 
 from course_utils.plots.core import _axes
 
+__all__ = ["speedup", "sample_orders", "ddp_timeline"]
+
 
 def speedup(
     points: Sequence[dict],

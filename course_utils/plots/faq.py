@@ -8,6 +8,8 @@ import numpy as np
 
 from course_utils.plots.core import _axes
 
+__all__ = ["decision_map"]
+
 
 def decision_map(
     xs: Sequence[float],

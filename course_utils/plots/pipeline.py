@@ -1,4 +1,4 @@
-"""Figures of lesson 06: Gantt charts of pipeline schedules and the bubble."""
+"""Figures of lesson 06: Gantt charts of pipeline schedules, the bubble, the pipeline panel."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
 
-from course_utils.plots.core import _axes
+from course_utils.plots.core import _axes, measurements
+
+__all__ = ["gantt", "bubble", "pipeline_panel"]
 
 
 def _field(event, name: str):
@@ -95,4 +97,57 @@ def bubble(
     return fig
 
 
-# --- lesson 04: communication ------------------------------------------------------------------
+def pipeline_panel(
+    simulated: Sequence,
+    measured: dict | None,
+    points: Sequence[dict],
+    stages: int,
+    microbatches: int,
+    schedule: str,
+    engine: str,
+):
+    """Lesson 06's panel: the simulated timeline of a setting (left), its measured one once Run
+    (middle), and the measured speedups of every ``microbatches`` tried at this number of
+    ``stages`` (right), each schedule a line, with the bound m·p/(m+p-1) as a dashed line and a
+    marker at each measured m (visible even with one point)."""
+    from course_utils.pipeline import schedules as sched
+
+    p, m = stages, microbatches
+    fig, axes = plt.subplots(1, 3, figsize=(16, 3.4), gridspec_kw={"width_ratios": [1.3, 1.3, 1]})
+    gantt(
+        simulated,
+        num_stages=p,
+        ax=axes[0],
+        title=f"simulated: {schedule}, p={p}, m={m}, bubble {sched.bubble_fraction(simulated, p):.0%}",
+    )
+    if measured is not None:
+        gantt(
+            measured["events"],
+            num_stages=p,
+            ax=axes[1],
+            title=f"measured ({engine}): bubble {measured['bubble']:.0%}",
+        )
+    else:
+        axes[1].text(0.5, 0.5, "press Run to measure this setting", ha="center", va="center")
+        axes[1].set_axis_off()
+    if points:
+        measurements(
+            points,
+            x="microbatches",
+            y="speedup",
+            by="schedule",
+            ax=axes[2],
+            ylabel="speedup over 1 process",
+            title=f"p = {p}, measured",
+        )
+        ms = sorted({r["microbatches"] for r in points})
+        bounds = [sched.speedup_bound(p, k) for k in ms]
+        axes[2].plot(ms, bounds, "k--", marker="_", markersize=14, label="bound m·p/(m+p-1)")
+        axes[2].set_ylim(0, 1.15 * max(bounds + [r["speedup"] for r in points]))
+        if len(ms) == 1:  # one point: give the x axis some room around it
+            axes[2].set_xlim(ms[0] / 2, ms[0] * 2)
+        axes[2].legend(fontsize=8)
+    else:
+        axes[2].set_axis_off()
+    fig.tight_layout()
+    return fig

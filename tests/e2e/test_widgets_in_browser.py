@@ -35,7 +35,6 @@ CHROMIUM = find_chromium()
 
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.slow,
     pytest.mark.skipif(
         CHROMIUM is None,
         reason="no chromium on PATH: browser test skipped (Debian: apt-get install chromium)",

@@ -25,6 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from course_utils import data, loop, models
+from course_utils.pipeline.schedules import Event, simulate
+
 
 class CNNBlock1(nn.Module):
     """conv1 + ReLU + pool: (B, 1, 28, 28) -> (B, 32, 14, 14)."""
@@ -82,25 +85,26 @@ class Head(nn.Module):
         return self.fc(x.flatten(1))
 
 
-def units(name: str, model: nn.Module, conv2_split: int | None = None) -> list[nn.Module]:
+def units(name: str, model: nn.Module) -> list[nn.Module]:
     """The smallest pieces ``model`` (``"cnn"`` or ``"rnn"``) can be cut into, in order. The
-    CNN's conv2 is split after output channel ``conv2_split`` (default: half of them)."""
+    CNN's conv2 is split half-way through its output channels (see :func:`plan` for why)."""
     if name == "cnn":
         n = model.conv2.out_channels
-        k = conv2_split or n // 2
-        if not 0 < k < n:
-            raise ValueError(f"conv2_split must be in 1..{n - 1}, got {k}")
-        return [CNNBlock1(model), Conv2Slice(model, 0, k), Conv2Slice(model, k, n), Head(model)]
+        return [
+            CNNBlock1(model),
+            Conv2Slice(model, 0, n // 2),
+            Conv2Slice(model, n // 2, n),
+            Head(model),
+        ]
     if name == "rnn":
         return [RNNBody(model), Head(model)]
     raise ValueError(f"unknown model {name!r}")
 
 
-def unit_names(name: str, conv2_split: int | None = None) -> list[str]:
+def unit_names(name: str) -> list[str]:
     """Names of the units of :func:`units`, for printing."""
     if name == "cnn":
-        k = conv2_split or 32
-        return ["conv1 block", f"conv2 ch 0-{k - 1}", f"conv2 ch {k}-63 + pool", "fc"]
+        return ["conv1 block", "conv2 ch 0-31", "conv2 ch 32-63 + pool", "fc"]
     return ["nn.RNN", "fc"]
 
 
@@ -126,21 +130,17 @@ def balance(costs: list[float], num_stages: int) -> list[int]:
     return best[1]
 
 
-def plan(
-    name: str, costs: list[tuple[float, float]], num_stages: int, conv2_split: int | None = None
-) -> tuple[list[int], int | None]:
-    """Units per stage from per-unit (forward, backward) costs measured with conv2 split at
-    ``conv2_split`` (None: half-way), and that split. Half-way is kept because other splits
-    measured no better: CPU convolution kernels work on blocks of 16 channels, so the cost of a
-    slice rises in steps, and at 16 or 48 channels one of the two stages is clearly slower."""
-    return balance([f + b for f, b in costs], num_stages), conv2_split
+def plan(costs: list[tuple[float, float]], num_stages: int) -> list[int]:
+    """Units per stage from per-unit (forward, backward) costs: :func:`balance` of their sums.
+    (The CNN's conv2 is always cut half-way: other split points measured no better, because CPU
+    convolution kernels work on blocks of 16 channels, so a slice's cost rises in steps, and at
+    16 or 48 channels one of the two stages is clearly slower.)"""
+    return balance([f + b for f, b in costs], num_stages)
 
 
-def split(
-    name: str, model: nn.Module, sizes: list[int], conv2_split: int | None = None
-) -> list[nn.Sequential]:
+def split(name: str, model: nn.Module, sizes: list[int]) -> list[nn.Sequential]:
     """The stages: ``sizes[s]`` consecutive units each (see :func:`balance` and :func:`plan`)."""
-    pieces = units(name, model, conv2_split)
+    pieces = units(name, model)
     if sum(sizes) != len(pieces) or min(sizes) < 1:
         raise ValueError(f"sizes {sizes} do not cover the {len(pieces)} units of the {name}")
     bounds = [0, *itertools.accumulate(sizes)]
@@ -195,6 +195,26 @@ def stage_costs(
     fwd = [sum(c[0] for c in costs[a:b]) for a, b in itertools.pairwise(bounds)]
     bwd = [sum(c[1] for c in costs[a:b]) for a, b in itertools.pairwise(bounds)]
     return fwd, bwd
+
+
+def measured_unit_costs(
+    name: str, microbatch_size: int, threads: int = 1, repeats: int = 2, seed: int = 0
+) -> list[tuple[float, float]]:
+    """:func:`unit_costs` of ``name``'s units on a microbatch of the training set, measured in
+    this process with ``threads`` torch threads (as one stage would run)."""
+    X, y = data.mnist("train", limit=microbatch_size)
+    pieces = units(name, models.build(name, seed=seed))
+    with loop.num_threads(threads):
+        return unit_costs(pieces, models.prepare_input(name, X), y, repeats=repeats)
+
+
+def simulate_plan(
+    costs: list[tuple[float, float]], schedule: str, num_stages: int, num_microbatches: int
+) -> list[Event]:
+    """The step a real run would take, on paper: stages planned from per-unit costs as
+    :func:`plan` plans them, then the schedule simulated with those stages' costs."""
+    forward, backward = stage_costs(costs, plan(costs, num_stages))
+    return simulate(schedule, num_stages, num_microbatches, forward, backward)
 
 
 def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:

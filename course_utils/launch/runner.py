@@ -6,11 +6,14 @@ How it works, and why:
   ``WORLD_SIZE`` and ``LOCAL_RANK``, so worker code runs unchanged under ``torchrun``. Only the
   rendezvous differs: torchrun's workers meet at a TCP store (``MASTER_ADDR``/``MASTER_PORT``,
   ``env://``); this launcher's workers, all on one machine, meet at a file in a fresh temporary
-  folder (``file://``, named by ``COURSE_STORE_FILE``). No port can collide, and no TCP connect
-  can stall: on the machine this course was built on, about one ``env://`` connect in 30 took 5 s.
-  :func:`process_group` picks whichever the environment offers. ``MASTER_ADDR=127.0.0.1`` and a
+  folder (``file://``, handed to each worker). No port can collide, and no TCP connect can
+  stall: on the machine this course was built on, about one ``env://`` connect in 30 took 5 s.
+  ``MASTER_ADDR=127.0.0.1`` and a
   free ``MASTER_PORT`` (never 29500) are set too, so a worker that calls a bare
   ``dist.init_process_group("gloo")`` (``init_group=False``) also works: its rank 0 hosts the store.
+- **The device is a parameter.** ``device="auto"`` gives each worker a GPU (NCCL) when there is
+  one per worker, and the CPU (gloo) otherwise; ``"cpu"`` or ``"cuda"`` force the choice. Every
+  worker of a launch gets the same kind, so no comparison mixes a GPU with CPUs.
 - **Fork where it is safe, spawn where it isn't.** A function defined in a notebook cell can't be
   pickled for ``spawn``, but a forked child already has it in memory, and forking a kernel that has
   imported torch takes ~0.1 s. Fork is unsafe once CUDA is initialised in the caller: then the
@@ -34,29 +37,22 @@ How it works, and why:
 
 from __future__ import annotations
 
-import datetime
 import multiprocessing as mp
 import os
 import pickle
 import shutil
-import signal
 import socket
 import sys
 import tempfile
 import time
-import traceback
 import warnings
 from collections.abc import Callable
-from contextlib import contextmanager
-from dataclasses import dataclass
 from multiprocessing.connection import wait
 
 import torch
-import torch.distributed as dist
 
 from course_utils import hardware
-
-GROUP_TIMEOUT_S = 60.0  # a collective that a rank skips fails after this, not gloo's 30 minutes
+from course_utils.launch.worker import GROUP_TIMEOUT_S, child_main
 
 
 class WorkerError(RuntimeError):
@@ -72,70 +68,6 @@ class WorkerError(RuntimeError):
 
 class LaunchTimeout(TimeoutError):
     """The workers did not all finish within the launch's timeout; they were stopped."""
-
-
-@dataclass(frozen=True)
-class Worker:
-    """Who this process is in a run: read from the environment torchrun (or :func:`run`) sets."""
-
-    rank: int
-    local_rank: int
-    world_size: int
-    backend: str
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def worker() -> Worker:
-    """This process's place in the run (rank 0 of 1 when not launched at all)."""
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    use_gpu = os.environ.get("COURSE_USE_GPU", str(int(hardware.num_gpus() > 0))) == "1"
-    return Worker(
-        rank=rank,
-        local_rank=local_rank,
-        world_size=world_size,
-        backend=hardware.backend(use_gpu),
-        device=hardware.device(local_rank, use_gpu),
-    )
-
-
-def launched() -> bool:
-    """True inside a worker started by torchrun or :func:`run`."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-@contextmanager
-def process_group(backend: str | None = None, timeout_s: float = GROUP_TIMEOUT_S):
-    """``init_process_group`` from the environment (env://), always with a timeout, and
-    ``destroy_process_group`` in ``finally``. Sets the CUDA device from the *local* rank."""
-    me = worker()
-    if me.device.type == "cuda":
-        torch.cuda.set_device(me.device)
-    store_file = os.environ.get("COURSE_STORE_FILE")  # set by run(); torchrun sets MASTER_*
-    dist.init_process_group(
-        backend or me.backend,
-        init_method=f"file://{store_file}" if store_file else "env://",
-        rank=me.rank,
-        world_size=me.world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
-    )
-    try:
-        yield me
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def exit_cleanly(code: int = 0) -> None:
-    """Flush and leave without interpreter teardown (see the module docstring)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def start_method() -> str:
@@ -161,43 +93,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """Linux: ask the kernel to SIGKILL this process when its parent dies (no orphans)."""
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL("libc.so.6", use_errno=True)
-            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
-
-
-def _child(fn, args, kwargs, env, threads, init_group, group_timeout_s, conn) -> None:
-    """Body of each worker process: set up, run ``fn``, send ("ok"|"error", payload), exit."""
-    _die_with_parent()
-    os.environ.update(env)
-    torch.set_num_threads(threads)
-    status, payload = "ok", None
-    try:
-        if init_group:
-            with process_group(timeout_s=group_timeout_s):
-                payload = fn(*args, **kwargs)
-        else:
-            payload = fn(*args, **kwargs)
-    except BaseException as err:  # report everything, KeyboardInterrupt included
-        status, payload = "error", (f"{type(err).__name__}: {err}", traceback.format_exc())
-    try:
-        # Plain pickle, sent as bytes: multiprocessing's own pickler would share tensors through
-        # file descriptors that vanish when this process exits right after sending.
-        conn.send_bytes(pickle.dumps((status, payload)))
-    except Exception as err:  # e.g. a result that can't be pickled
-        message = (f"result could not be sent back: {err!r}", traceback.format_exc())
-        conn.send_bytes(pickle.dumps(("error", message)))
-    conn.close()
-    exit_cleanly(0 if status == "ok" else 1)
 
 
 def _name(fn: Callable) -> str:
@@ -251,7 +146,7 @@ def run(
     threads: int | None = None,
     init_group: bool = True,
     group_timeout: float = GROUP_TIMEOUT_S,
-    use_gpu: bool | None = None,
+    device: str = "auto",
     **kwargs,
 ) -> list:
     """Run ``fn(*args, **kwargs)`` on ``nproc`` worker processes; return their results by rank.
@@ -259,8 +154,9 @@ def run(
     With ``init_group`` (the default) each worker's default process group is ready when ``fn``
     starts (``dist.get_rank()`` etc. work) and destroyed after. ``threads``: torch threads per
     worker (default cores // nproc, at least 1; a forked worker of a notebook function gets 1, see
-    the module docstring). ``use_gpu``: default, when there are at least
-    ``nproc`` GPUs. Raises :class:`WorkerError` (first failure) or :class:`LaunchTimeout`.
+    the module docstring). ``device``: ``"auto"`` (a GPU per worker when there are ``nproc`` of
+    them, else the CPU), ``"cpu"`` or ``"cuda"``. Raises :class:`WorkerError` (first failure)
+    or :class:`LaunchTimeout`.
     """
     if nproc < 1:
         raise ValueError(f"nproc must be at least 1, got {nproc}")
@@ -271,8 +167,7 @@ def run(
             f"{nproc} workers on {cores} cores: they take turns on the cores, so timings "
             "oversubscribe (results are still correct).",
         )
-    if use_gpu is None:
-        use_gpu = hardware.num_gpus() >= nproc
+    kind = hardware.device_kind(device, nproc)
     asked_for_threads = threads is not None
     threads = threads or hardware.threads_per_worker(nproc)
     method = start_method()
@@ -300,21 +195,27 @@ def run(
     procs, readers = [], {}
     try:
         for rank in range(nproc):
-            env = {
+            env = {  # what torchrun would set, so that worker code runs unchanged under it
                 "RANK": str(rank),
                 "LOCAL_RANK": str(rank),
                 "WORLD_SIZE": str(nproc),
                 "LOCAL_WORLD_SIZE": str(nproc),
-                "COURSE_STORE_FILE": os.path.join(rendezvous, "store"),
                 "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": str(port),
-                "COURSE_USE_GPU": str(int(use_gpu)),
                 "OMP_NUM_THREADS": str(threads),
+            }
+            setup = {
+                "env": env,
+                "threads": threads,
+                "kind": kind,
+                "store": os.path.join(rendezvous, "store"),
+                "init_group": init_group,
+                "group_timeout": group_timeout,
             }
             reader, writer = ctx.Pipe(duplex=False)
             p = ctx.Process(
-                target=_child,
-                args=(fn, args, kwargs, env, threads, init_group, group_timeout, writer),
+                target=child_main,
+                args=(fn, args, kwargs, setup, writer),
                 name=f"course-worker-{rank}",
                 daemon=True,
             )

@@ -1,4 +1,5 @@
-"""Figures of lesson 03: the kinds of parallelism, memory models, scaling laws, timings."""
+"""Diagrams of lesson 03: the kinds of parallelism (data, task, pipeline) and the two memory
+models (threads sharing memory, processes passing messages)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from course_utils.plots.core import _axes
+
+__all__ = ["parallelism", "parallelism_overview", "memory_models", "WORKER_COLORS"]
 
 
 def _box(ax, x, y, w, h, text, color="#dbe9f6", fontsize=9, **kwargs):
@@ -41,7 +44,7 @@ def _arrow(ax, start, end, text=None, color="black", style="-|>"):
         ax.text(mid[0] + 0.1, mid[1], text, ha="left", va="center", fontsize=8, color=color)
 
 
-_WORKER_COLORS = ("#cfe8cf", "#fde2c4", "#e3d7f0", "#f6d0d0")
+WORKER_COLORS = ("#cfe8cf", "#fde2c4", "#e3d7f0", "#f6d0d0")
 
 
 def _workers(ax, texts: Sequence[str], results: Sequence[str], footer: str) -> list[float]:
@@ -49,7 +52,7 @@ def _workers(ax, texts: Sequence[str], results: Sequence[str], footer: str) -> l
     that joins them); returns the x of each worker's top centre, for the arrows that feed it."""
     for w, (text, result) in enumerate(zip(texts, results)):
         x0 = 0.3 + 2.3 * w
-        _box(ax, x0, 1.5, 1.8, 2.0, text, _WORKER_COLORS[w])
+        _box(ax, x0, 1.5, 1.8, 2.0, text, WORKER_COLORS[w])
         _arrow(ax, (x0 + 0.9, 1.45), (x0 + 0.9, 0.85), text=result)
     _box(ax, 0.3, 0.0, 4.1, 0.8, footer, "#eeeeee", fontsize=8)
     return [0.3 + 2.3 * w + 0.9 for w in range(len(texts))]
@@ -59,7 +62,7 @@ def _data_parallel(ax) -> None:
     ax.set_title("data parallelism: split the batch\n(lessons 04, 05)", fontsize=10)
     for i in range(8):  # the global batch: 8 samples, 4 per worker
         worker = i // 4
-        _box(ax, 0.2 + 0.55 * i, 4.3, 0.45, 0.5, f"x{i}", _WORKER_COLORS[worker], fontsize=7)
+        _box(ax, 0.2 + 0.55 * i, 4.3, 0.45, 0.5, f"x{i}", WORKER_COLORS[worker], fontsize=7)
     ax.text(2.4, 5.05, "one global batch", ha="center", fontsize=8)
     tops = _workers(
         ax,
@@ -77,7 +80,7 @@ def _task_parallel(ax) -> None:
     )
     lrs = ("lr 0.003", "lr 0.01", "lr 0.03", "lr 0.1")
     for i, lr in enumerate(lrs):  # a queue of independent tasks, dealt round-robin
-        _box(ax, 0.2 + 1.1 * i, 4.3, 0.95, 0.5, lr, _WORKER_COLORS[i % 2], fontsize=7)
+        _box(ax, 0.2 + 1.1 * i, 4.3, 0.95, 0.5, lr, WORKER_COLORS[i % 2], fontsize=7)
     ax.text(2.4, 5.05, "4 training runs (a sweep)", ha="center", fontsize=8)
     mine = [", ".join(lrs[i].split()[1] for i in range(w, 4, 2)) for w in range(2)]
     tops = _workers(
@@ -112,7 +115,7 @@ def _pipeline_parallel(ax) -> None:
                 0.65,
                 0.7,
                 f"F{m}",
-                _WORKER_COLORS[m % len(_WORKER_COLORS)],
+                WORKER_COLORS[m % len(WORKER_COLORS)],
                 fontsize=8,
             )
         for t in range(num_stages + num_microbatches - 1):  # idle slots: the "bubble"
@@ -181,7 +184,7 @@ def memory_models(axes=None):
         fontsize=8,
     )
     for t in range(3):
-        _box(ax, 0.3 + 1.55 * t, 0.8, 1.3, 1.0, f"thread {t}\n(a core)", _WORKER_COLORS[t])
+        _box(ax, 0.3 + 1.55 * t, 0.8, 1.3, 1.0, f"thread {t}\n(a core)", WORKER_COLORS[t])
         _arrow(ax, (0.95 + 1.55 * t, 1.85), (0.95 + 1.55 * t, 3.15), style="<|-|>")
     ax.text(
         2.5,
@@ -196,7 +199,7 @@ def memory_models(axes=None):
     for w in range(2):
         x0 = 0.3 + 2.6 * w
         _box(ax, x0, 1.9, 1.8, 0.8, f"memory of\nprocess {w}", "#eeeeee", fontsize=8)
-        _box(ax, x0, 0.8, 1.8, 0.9, f"process {w}\n(a GPU or cores)", _WORKER_COLORS[w])
+        _box(ax, x0, 0.8, 1.8, 0.9, f"process {w}\n(a GPU or cores)", WORKER_COLORS[w])
     _arrow(ax, (2.15, 1.25), (2.85, 1.25), style="<|-|>")
     ax.text(
         2.5,
@@ -221,126 +224,5 @@ def memory_models(axes=None):
         ax.set_ylim(-0.2, 4.3)
         ax.set_aspect("equal")
         ax.axis("off")
-    fig.tight_layout()
-    return fig
-
-
-def scaling_laws(
-    ps: Sequence[float] = (0.5, 0.75, 0.9, 0.95, 0.99),
-    max_workers: int = 64,
-    measured: dict[str, tuple[float, float]] | None = None,
-    axes=None,
-):
-    """Amdahl's speedup (left) and Gustafson's scaled speedup (right) against workers, one line per
-    parallel fraction p; ``measured`` adds points ``{"label": (workers, speedup)}`` to both."""
-    from course_utils import scaling
-
-    if axes is None:
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    fig = axes[0].figure
-    workers = np.arange(1, max_workers + 1)
-    for ax, law, title in (
-        (axes[0], scaling.amdahl, "Amdahl: fixed problem, speedup = 1 / ((1-p) + p/N)"),
-        (axes[1], scaling.gustafson, "Gustafson: problem grows with N, (1-p) + p·N"),
-    ):
-        ax.plot(workers, workers, "k:", label="ideal: N")
-        for p in ps:
-            line = ax.plot(workers, law(p, workers), label=f"p = {p:g}")[0]
-            if law is scaling.amdahl and p < 1:
-                ax.axhline(
-                    scaling.max_speedup(p),
-                    color=line.get_color(),
-                    linestyle="--",
-                    alpha=0.4,
-                    linewidth=0.8,
-                )
-        for label, (n, speedup) in (measured or {}).items():
-            ax.plot([n], [speedup], "o", markersize=8, markeredgecolor="black", label=label)
-        ax.set(xlabel="workers N", ylabel="speedup", title=title)
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    top = max(
-        scaling.max_speedup(max(p for p in ps if p < 1) if any(p < 1 for p in ps) else 0.0), 2.0
-    )
-    axes[0].set_ylim(0, min(max_workers, top) * 1.1)
-    axes[1].set_ylim(0, max_workers * 1.05)
-    fig.tight_layout()
-    return fig
-
-
-def scaling_law_curves(laws: dict, measured: dict[str, tuple[float, float]] | None = None, ax=None):
-    """One parallel fraction, both laws on one axes: ``laws`` is :func:`course_utils.scaling.laws`'
-    output (workers, amdahl, gustafson, limit); ``measured`` adds points ``{"label": (N, S)}``."""
-    fig, ax = _axes(ax, figsize=(7, 4.2))
-    workers = np.asarray(laws["workers"])
-    n_max = int(workers[-1])
-    amdahl_n, gustafson_n = float(laws["amdahl"][-1]), float(laws["gustafson"][-1])
-    ax.plot(workers, workers, "k:", label="ideal: N")
-    ax.plot(
-        workers,
-        laws["gustafson"],
-        color="tab:green",
-        marker=".",
-        label=f"Gustafson (problem grows): {gustafson_n:.1f}× at N={n_max}",
-    )
-    ax.plot(
-        workers,
-        laws["amdahl"],
-        color="tab:blue",
-        marker=".",
-        label=f"Amdahl (fixed problem): {amdahl_n:.2f}× at N={n_max}",
-    )
-    if np.isfinite(laws["limit"]):
-        ax.axhline(
-            laws["limit"],
-            color="tab:blue",
-            linestyle="--",
-            alpha=0.6,
-            label=f"Amdahl's ceiling 1/(1-p) = {laws['limit']:.1f}×",
-        )
-    for label, (n, speedup) in (measured or {}).items():
-        ax.plot([n], [speedup], "o", markersize=9, markeredgecolor="black", label=label)
-    ax.set(
-        xlabel="workers N",
-        ylabel="speedup",
-        xlim=(1, max(n_max, 2)),
-        ylim=(0, max(n_max, 2) * 1.05),
-    )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    return fig
-
-
-# --- pipeline parallelism (lesson 06) ----------------------------------------------------------
-
-
-def speedup_bars(
-    labels: Sequence[str],
-    seconds: Sequence[float],
-    title: str | None = None,
-    baseline: int = 0,
-    ax=None,
-):
-    """Wall-clock times as bars, in ms or s (whichever reads better), each labelled with its time and
-    its speedup over bar ``baseline`` (lesson 03)."""
-    fig, ax = _axes(ax, figsize=(6, 3.6))
-    seconds = np.asarray(seconds, dtype=float)
-    scale, unit = (1e3, "ms") if seconds.max() < 1 else (1.0, "s")
-    values = seconds * scale
-    colors = [_WORKER_COLORS[i % len(_WORKER_COLORS)] for i in range(len(labels))]
-    bars = ax.bar(labels, values, color=colors, edgecolor="black")
-    for bar, value, s in zip(bars, values, seconds):
-        ax.text(
-            bar.get_x() + bar.get_width() / 2,
-            value,
-            f"{value:.3g} {unit}\n{seconds[baseline] / s:.2f}×",
-            ha="center",
-            va="bottom",
-            fontsize=8,
-        )
-    ax.set(ylabel=f"{unit} (lower is faster)", title=title, ylim=(0, values.max() * 1.3))
-    ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     return fig

@@ -1,0 +1,34 @@
+"""Running a function on N worker processes, from a notebook cell or a shell (lessons 03-07).
+
+- :mod:`~course_utils.launch.runner`: :func:`run` starts the workers and brings their results
+  (or the first error, with its rank and traceback) back to the caller;
+- :mod:`~course_utils.launch.worker`: inside a worker: :func:`worker` (rank, device, backend),
+  :func:`process_group`, :func:`exit_cleanly`;
+- :mod:`~course_utils.launch.processes`: finding child processes (to watch or kill them).
+"""
+
+from course_utils.launch.processes import alive, children
+from course_utils.launch.runner import LaunchTimeout, WorkerError, free_port, run
+from course_utils.launch.worker import (
+    GROUP_TIMEOUT_S,
+    Worker,
+    exit_cleanly,
+    launched,
+    process_group,
+    worker,
+)
+
+__all__ = [
+    "GROUP_TIMEOUT_S",
+    "LaunchTimeout",
+    "Worker",
+    "WorkerError",
+    "alive",
+    "children",
+    "exit_cleanly",
+    "free_port",
+    "launched",
+    "process_group",
+    "run",
+    "worker",
+]

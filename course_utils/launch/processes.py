@@ -1,0 +1,56 @@
+"""Finding processes: the children of a process (torchrun's workers, the launcher's), and whether
+one is still alive. Linux reads ``/proc``; elsewhere ``pgrep -P`` (macOS) answers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+PROC = Path("/proc")
+
+
+def _stat_fields(pid: int | str) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after ``(comm)``: state, ppid, ... (None: gone)."""
+    try:
+        stat = (PROC / str(pid) / "stat").read_text()
+    except OSError:  # it ended while we looked
+        return None
+    return stat.rsplit(")", 1)[1].split()
+
+
+def children(pid: int | None = None) -> list[int]:
+    """PIDs of the live (not zombie) children of ``pid`` (default: this process), sorted."""
+    pid = os.getpid() if pid is None else pid
+    if not (PROC / "self" / "stat").exists():
+        listed = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+        return sorted(int(p) for p in listed.stdout.split())
+    found = []
+    for entry in PROC.iterdir():
+        if entry.name.isdigit():
+            fields = _stat_fields(entry.name)
+            if fields and fields[1] == str(pid) and fields[0] != "Z":
+                found.append(int(entry.name))
+    return sorted(found)
+
+
+def alive(pid: int) -> bool:
+    """True while process ``pid`` runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def environ(pid: int) -> dict[str, str]:
+    """The environment process ``pid`` started with (Linux; empty where it can't be read)."""
+    try:
+        raw = (PROC / str(pid) / "environ").read_bytes()
+    except OSError:
+        return {}
+    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}

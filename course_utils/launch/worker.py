@@ -1,0 +1,155 @@
+"""Inside a worker: who this process is in a run, its process group, and how it leaves.
+
+Ranks come from the environment, as under ``torchrun``: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``.
+Which device a worker computes on is a parameter (``"auto"``, ``"cpu"`` or ``"cuda"``), passed by
+the caller: :func:`course_utils.launch.run` hands its choice to each worker it starts, and the
+training entry point passes ``--device``. Inside a process group, the group's backend tells
+(gloo: the CPU; NCCL: ``cuda:LOCAL_RANK``), so worker code that asks :func:`worker` without a
+device gets the one its group was made for.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+import signal
+import sys
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from course_utils import hardware
+
+GROUP_TIMEOUT_S = 60.0  # a collective that a rank skips fails after this, not gloo's 30 minutes
+
+_launched_kind: str | None = (
+    None  # "cpu" or "cuda": set in a worker that course_utils.launch started
+)
+
+
+@dataclass(frozen=True)
+class Worker:
+    """Who this process is in a run: read from the environment torchrun (or :func:`run`) sets."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    backend: str
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _kind(device: str | None) -> str:
+    """``"cpu"`` or ``"cuda"`` for this process: an explicit choice, else the launcher's, else
+    the process group's backend, else ``"auto"`` (a GPU when there is one)."""
+    if device not in (None, "auto"):
+        return hardware.device_kind(device)
+    if _launched_kind is not None:
+        return _launched_kind
+    if dist.is_available() and dist.is_initialized():
+        return "cuda" if dist.get_backend() == "nccl" else "cpu"
+    return hardware.device_kind("auto", int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def worker(device: str | None = None) -> Worker:
+    """This process's place in the run (rank 0 of 1 when not launched at all). ``device``:
+    ``"cpu"``, ``"cuda"``, or ``"auto"``/None for the launcher's (or the process group's) choice."""
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    kind = _kind(device)
+    return Worker(
+        rank=rank,
+        local_rank=local_rank,
+        world_size=world_size,
+        backend=hardware.backend(kind),
+        device=hardware.device(local_rank, kind),
+    )
+
+
+def launched() -> bool:
+    """True inside a worker started by torchrun or :func:`course_utils.launch.run`."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+@contextmanager
+def process_group(
+    device: str | None = None, timeout_s: float = GROUP_TIMEOUT_S, store: str | None = None
+):
+    """``init_process_group`` with ranks from the environment, always with a timeout, and
+    ``destroy_process_group`` in ``finally``; yields this process's :class:`Worker`. The backend
+    follows the device (NCCL for ``cuda``, gloo for ``cpu``); the CUDA device is set from the
+    *local* rank. Ranks meet at ``store`` (a file: :func:`course_utils.launch.run`'s workers), or
+    at the TCP store of ``MASTER_ADDR``/``MASTER_PORT`` (``env://``: torchrun's)."""
+    me = worker(device)
+    if me.device.type == "cuda":
+        torch.cuda.set_device(me.device)
+    dist.init_process_group(
+        me.backend,
+        init_method=f"file://{store}" if store else "env://",
+        rank=me.rank,
+        world_size=me.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    try:
+        yield me
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def exit_cleanly(code: int = 0) -> None:
+    """Flush and leave without interpreter teardown: gloo sometimes aborts at interpreter exit
+    ("terminate called without an active exception") after DDP, once the work is done."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _die_with_parent() -> None:
+    """Linux: ask the kernel to SIGKILL this process when its parent dies (no orphans)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+def child_main(fn, args, kwargs, setup: dict, conn) -> None:
+    """Body of each worker process that :func:`course_utils.launch.run` starts: set up, run
+    ``fn``, send ("ok"|"error", payload) through ``conn``, exit.
+    ``setup``: ``env`` (the torchrun-style variables), ``threads``, ``kind`` ("cpu"/"cuda"),
+    ``store`` (the rendezvous file), ``init_group`` and ``group_timeout``."""
+    global _launched_kind
+    _die_with_parent()
+    os.environ.update(setup["env"])
+    torch.set_num_threads(setup["threads"])
+    _launched_kind = setup["kind"]  # what cu.launch.worker() answers in this process
+    status, payload = "ok", None
+    try:
+        if setup["init_group"]:
+            with process_group(timeout_s=setup["group_timeout"], store=setup["store"]):
+                payload = fn(*args, **kwargs)
+        else:
+            payload = fn(*args, **kwargs)
+    except BaseException as err:  # report everything, KeyboardInterrupt included
+        status, payload = "error", (f"{type(err).__name__}: {err}", traceback.format_exc())
+    try:
+        # Plain pickle, sent as bytes: multiprocessing's own pickler would share tensors through
+        # file descriptors that vanish when this process exits right after sending.
+        conn.send_bytes(pickle.dumps((status, payload)))
+    except Exception as err:  # e.g. a result that can't be pickled
+        message = (f"result could not be sent back: {err!r}", traceback.format_exc())
+        conn.send_bytes(pickle.dumps(("error", message)))
+    conn.close()
+    exit_cleanly(0 if status == "ok" else 1)

@@ -1,0 +1,81 @@
+"""The package's shape (DESIGN.md): one module per idea, none too long, imports running one way,
+and settings passed as parameters rather than through environment variables."""
+
+import ast
+import re
+
+import pytest
+from conftest import ROOT
+
+PACKAGE = ROOT / "course_utils"
+MODULES = sorted(PACKAGE.rglob("*.py"))
+MAX_LINES = 350  # "a file past ~300 lines is asking to be split" (STYLE.md)
+
+# Layers from the bottom up: a module imports from its own layer or the ones below, never above.
+# (notebooks -> widgets -> plots; train -> strategies -> launch, collectives, checkpoint -> loop,
+# models, data, hardware.)
+LAYERS = [
+    {"hardware", "data", "models", "loop", "scaling"},
+    {"launch", "collectives", "checkpoint"},
+    {"ddp", "pipeline", "faq"},
+    {"config", "train"},
+    {"plots"},
+    {"widgets"},
+]
+LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
+DRAWING = {"matplotlib", "ipywidgets", "IPython"}
+
+
+def top_module(path) -> str:
+    """``course_utils/pipeline/stages.py`` -> ``pipeline``; ``course_utils/data.py`` -> ``data``."""
+    return path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+
+
+def imports(path) -> set[str]:
+    """Every module ``path`` imports, at the top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            if node.module == "course_utils":  # from course_utils import data, loop
+                found |= {f"course_utils.{alias.name}" for alias in node.names}
+    return found
+
+
+def test_every_module_in_the_package_has_a_place_in_the_layers():
+    tops = {top_module(p) for p in MODULES} - {"__init__"}
+    assert tops == set(LAYER), "add new modules to LAYERS (and to DESIGN.md's table)"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_modules_are_short_and_import_one_way(path):
+    lines = len(path.read_text().splitlines())
+    assert lines <= MAX_LINES, f"{lines} lines: split it where an idea ends"
+    if path.name == "__init__.py" and path.parent == PACKAGE:
+        return  # the package's front door lists everything
+    mine = LAYER[top_module(path)]
+    for name in imports(path):
+        parts = name.split(".")
+        if parts[0] == "course_utils" and len(parts) > 1:
+            assert LAYER[parts[1]] <= mine, f"imports {name}, a layer above it"
+        if mine < LAYER["plots"]:
+            assert parts[0] not in DRAWING, f"imports {name}: only plots and widgets may draw"
+
+
+ENV_WRITE = re.compile(r"os\.environ\[[^\]]+\]\s*=|os\.environ\.(update|setdefault)\(|os\.putenv\(")
+
+
+def test_settings_travel_as_parameters_not_environment_variables():
+    # The one setting read from the environment is COURSE_FAST (CI's fast mode). The only write
+    # is the launcher's worker setting what torchrun would set (RANK, WORLD_SIZE, MASTER_ADDR...).
+    writers = []
+    for path in MODULES:
+        text = path.read_text()
+        assert set(re.findall(r"COURSE_[A-Z_]+", text)) <= {"COURSE_FAST"}, path
+        if ENV_WRITE.search(text):
+            writers.append(str(path.relative_to(PACKAGE)))
+    assert writers == ["launch/worker.py"]
+    for notebook in (ROOT / "notebooks").glob("*.ipynb"):
+        assert "use_gpu" not in notebook.read_text(), notebook.name
