@@ -3,16 +3,24 @@ any worker starts (the contract of ``python -m course_utils.train``, in DESIGN.m
 
 ``--batch-size`` is always the *global* batch: a data-parallel or pipeline run with the same batch
 and seed does the same arithmetic as ``--parallel none`` and reports the same per-step losses.
-Bad input raises :class:`UsageError`: one line, exit status 2.
+Bad input raises :class:`UsageError`: one line, exit status 2, before anything is started or
+written.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
-from course_utils import data, hardware, models
+from course_utils import checkpoint, data, hardware, models
+from course_utils.launch.runner import MAX_WORKERS_PER_CORE
 from course_utils.pipeline import worker as pipeline_worker
+
+MAX_SEED = 2**31 - 1  # seeds index torch generators (with room for the epoch number)
 
 
 @dataclass
@@ -34,10 +42,18 @@ class RunConfig:
     json: str | None = None  # write the results to this file
     checkpoint: str | None = None  # directory to save to and resume from
     checkpoint_every: int = 0  # save every K steps (0: only at the end)
+    data_dir: str | None = None  # folder with the full MNIST (default: the bundled subset)
+    oversubscribe: bool = False  # allow more than 4 workers per core (MAX_WORKERS_PER_CORE)
 
     @property
     def threads_per_worker(self) -> int:
         return self.threads or hardware.threads_per_worker(self.nproc)
+
+    def record(self) -> dict:
+        """What a checkpoint remembers of the run (checked by :func:`checkpoint.check`)."""
+        kept = ("model", "parallel", "nproc", "batch_size", "steps", "lr", "seed")
+        kept += ("microbatches", "schedule")
+        return {k: v for k, v in asdict(self).items() if k in kept}
 
 
 CHOICES = {
@@ -46,6 +62,7 @@ CHOICES = {
     "device": list(hardware.DEVICES),
     "schedule": ["gpipe", "1f1b", "interleaved1f1b"],
 }
+PIPELINE_ONLY = ("microbatches", "schedule")
 
 
 class UsageError(ValueError):
@@ -58,31 +75,61 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    """The CLI, built from :class:`RunConfig`'s fields and defaults."""
-    p = _Parser(prog="python -m course_utils.train", description=__doc__.split("\n\n")[0])
+    """The CLI, built from :class:`RunConfig`'s fields; a flag not given is absent from the
+    parsed namespace (so that :func:`parse` can tell a default from a choice)."""
+    p = _Parser(
+        prog="python -m course_utils.train",
+        description=__doc__.split("\n\n")[0],
+        argument_default=argparse.SUPPRESS,
+    )
     for f in fields(RunConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
             p.add_argument(flag, action="store_true")
             continue
         kind = {"int": int, "float": float}.get(f.type.split(" |")[0], str)
-        p.add_argument(flag, type=kind, default=f.default, choices=CHOICES.get(f.name))
+        p.add_argument(flag, type=kind, choices=CHOICES.get(f.name))
     return p
 
 
-def parse(argv: list[str] | None = None) -> RunConfig:
-    """A :class:`RunConfig` from command-line arguments (raises :class:`UsageError`)."""
-    return RunConfig(**vars(parser().parse_args(argv)))
+def parse(argv: list[str] | None = None, world_size: int | None = None) -> RunConfig:
+    """A :class:`RunConfig` from command-line arguments. Raises :class:`UsageError` for what
+    argparse refuses and for flags that would be silently ignored; ``world_size``: the number
+    of workers a launcher (torchrun) already started, which ``--nproc`` must not contradict."""
+    given = vars(parser().parse_args(argv))
+    cfg = RunConfig(**given)
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    if "checkpoint_every" in given and cfg.checkpoint is None:
+        raise UsageError("--checkpoint-every needs --checkpoint DIR (where to save)")
+    for name in PIPELINE_ONLY:
+        if name in given and cfg.parallel != "pipeline":
+            raise UsageError(f"{flag(name)} is for --parallel pipeline; this run is {cfg.parallel}")
+    if world_size is not None and "nproc" in given and cfg.nproc != world_size:
+        raise UsageError(
+            f"--nproc {cfg.nproc}, but torchrun started {world_size} workers: leave out --nproc "
+            "under torchrun (its --nproc-per-node and --nnodes decide)"
+        )
+    return cfg
 
 
 def validate(cfg: RunConfig, local_workers: int | None = None) -> None:
     """Raise :class:`UsageError` for input that can't work, before any worker starts.
     ``local_workers``: workers on this machine, when they are not all of them (torchrun)."""
-    num_train = len(data.load("train")[1])
+    try:
+        num_train = len(data.load("train", data_dir=cfg.data_dir)[1])
+    except data.DataError as err:
+        raise UsageError(str(err)) from None
+    cores = hardware.num_cores()
     checks = [
         (cfg.nproc >= 1, f"--nproc must be at least 1, got {cfg.nproc}"),
+        (
+            cfg.oversubscribe or cfg.nproc <= MAX_WORKERS_PER_CORE * cores,
+            f"--nproc {cfg.nproc} is far more workers than this machine's {cores} cores (at "
+            f"most {MAX_WORKERS_PER_CORE * cores}); add --oversubscribe to run them anyway",
+        ),
         (cfg.steps >= 1, f"--steps must be at least 1, got {cfg.steps}"),
-        (cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
+        (math.isfinite(cfg.lr) and cfg.lr > 0, f"--lr must be a positive number, got {cfg.lr}"),
+        (0 <= cfg.seed <= MAX_SEED, f"--seed must be in 0..{MAX_SEED}, got {cfg.seed}"),
         (
             cfg.threads is None or cfg.threads >= 1,
             f"--threads must be at least 1, got {cfg.threads}",
@@ -115,6 +162,12 @@ def validate(cfg: RunConfig, local_workers: int | None = None) -> None:
         )
         if error:
             raise UsageError(error)
+    _check_writable("--json", cfg.json, folder=False)
+    _check_writable("--checkpoint", cfg.checkpoint, folder=True)
+    try:
+        checkpoint.check(cfg.checkpoint, cfg.record())
+    except checkpoint.CheckpointError as err:
+        raise UsageError(str(err)) from None
 
 
 def _check_device(device: str, local_workers: int) -> None:
@@ -127,3 +180,26 @@ def _check_device(device: str, local_workers: int) -> None:
                 f"--device cuda: {local_workers} workers on this machine need {local_workers} "
                 f"GPUs (one each: NCCL allows no sharing); it has {gpus}"
             )
+
+
+def _check_writable(flag: str, path: str | None, folder: bool) -> None:
+    """Refuse an output path the run could not write at its end: the results would be lost.
+    The check writes and removes one empty file in the nearest existing folder."""
+    if path is None:
+        return
+    target = Path(path).expanduser()
+    if folder and target.exists() and not target.is_dir():
+        raise UsageError(f"{flag} {path} is a file; it must be a folder (or not exist yet)")
+    if not folder and target.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; give a file name")
+    existing = target if folder and target.is_dir() else target.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {path}: {existing} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".course-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise UsageError(f"{flag} {path}: can't write in {existing} ({err.strerror})") from None

@@ -1,8 +1,11 @@
 """MNIST for the course: the bundled 5,000-image subset, or the full set where a learner has it.
 
-The subset ships in ``data/mnist_5k.npz`` (provenance, license and checksum in ``data/README.md``)
-with a fixed split: 4,000 training and 1,000 test images, balanced across digits. If the four
-original IDX files are put in ``data/mnist/``, ``source="full"`` (or ``"auto"``) reads them instead.
+The subset ships inside the package, ``course_utils/datasets/mnist_5k.npz`` (provenance, license
+and checksum in the repository's ``data/README.md``), so the course runs wherever the package is
+installed, with a fixed split: 4,000 training and 1,000 test images, balanced across digits. The
+full set is read from the four original IDX files, from the first folder of: the ``data_dir``
+argument (``--data-dir`` on the command line), the ``COURSE_DATA_DIR`` environment variable, and
+``data/mnist/`` of the repository when the package runs from a checkout.
 
 Batches are drawn by index, deterministically from a seed and a step number, so that N data-parallel
 workers can each take their slice of *the same* global batch one process would have used
@@ -13,16 +16,19 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
+import zlib
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-SUBSET_PATH = DATA_DIR / "mnist_5k.npz"
+PACKAGE_DIR = Path(__file__).resolve().parent
+SUBSET_PATH = PACKAGE_DIR / "datasets" / "mnist_5k.npz"
 SUBSET_SHA256 = "4b84859b44455f8a525644d3a243d8a768ab925645d939ce5683ba7bea10871b"
-FULL_DIR = DATA_DIR / "mnist"
+REPO_FULL_DIR = PACKAGE_DIR.parent / "data" / "mnist"  # in a checkout of the course repository
+DATA_DIR_VARIABLE = "COURSE_DATA_DIR"  # a learner's own setting: where the full MNIST is
 FULL_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -34,7 +40,7 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">
 
 
 class DataError(RuntimeError):
-    """The dataset is missing or does not match its recorded checksum."""
+    """The dataset is missing, incomplete, malformed, or does not match its checksum."""
 
 
 def sha256(path: Path) -> str:
@@ -45,16 +51,16 @@ def sha256(path: Path) -> str:
 def verify(path: Path = SUBSET_PATH, expected: str = SUBSET_SHA256) -> Path:
     """Raise :class:`DataError` unless ``path`` exists and has the expected SHA-256."""
     path = Path(path)
+    restore = (
+        "reinstall course_utils, or in the repository `git checkout -- course_utils/datasets/`"
+    )
     if not path.is_file():
-        raise DataError(
-            f"MNIST subset not found at {path}. It ships with the course repository: "
-            "restore it with `git checkout -- data/`."
-        )
+        raise DataError(f"MNIST subset not found at {path}: it ships with the package; {restore}")
     actual = sha256(path)
     if actual != expected:
         raise DataError(
             f"{path.name} is corrupt: SHA-256 {actual[:12]}... does not match the recorded "
-            f"{expected[:12]}... (see data/README.md); restore it with `git checkout -- data/`."
+            f"{expected[:12]}... (data/README.md); {restore}"
         )
     return path
 
@@ -64,7 +70,10 @@ def read_idx(path: Path) -> np.ndarray:
     path = Path(path)
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":  # gzip's magic number, whatever the file is called
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as err:
+            raise DataError(f"{path.name} is not a valid gzip file ({err})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DataError(f"{path.name} is not an IDX file (bad magic number)")
     dtype, ndim = np.dtype(_IDX_DTYPES[raw[2]]), raw[3]
@@ -83,10 +92,22 @@ def _find(name: str, folder: Path) -> Path | None:
     return None
 
 
-def has_full(folder: Path | None = None) -> bool:
-    """True when all four original MNIST IDX files are in ``folder`` (default ``data/mnist/``)."""
-    folder = Path(folder) if folder is not None else FULL_DIR
-    return all(_find(n, folder) for pair in FULL_FILES.values() for n in pair)
+def full_dir(data_dir: str | Path | None = None) -> Path:
+    """The folder the full MNIST is read from: ``data_dir``, else ``$COURSE_DATA_DIR``, else the
+    repository's ``data/mnist/``."""
+    chosen = data_dir or os.environ.get(DATA_DIR_VARIABLE)
+    return Path(chosen).expanduser() if chosen else REPO_FULL_DIR
+
+
+def missing_files(folder: str | Path | None = None) -> list[str]:
+    """The original MNIST files not in ``folder`` (default :func:`full_dir`), gzipped or not."""
+    folder = full_dir(folder)
+    return [n for pair in FULL_FILES.values() for n in pair if not _find(n, folder)]
+
+
+def has_full(folder: str | Path | None = None) -> bool:
+    """True when all four original MNIST IDX files are in ``folder`` (default :func:`full_dir`)."""
+    return not missing_files(folder)
 
 
 @lru_cache(maxsize=4)
@@ -95,33 +116,51 @@ def _load_subset(path: Path) -> dict[str, np.ndarray]:
         return {k: npz[k] for k in npz.files}
 
 
+def _read_full(split: str, folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One split of the full MNIST, checked: (N, 28, 28) uint8 images, N labels in 0..9."""
+    images_name, labels_name = FULL_FILES[split]
+    images, labels = read_idx(_find(images_name, folder)), read_idx(_find(labels_name, folder))
+    for name, array, ndim in ((images_name, images, 3), (labels_name, labels, 1)):
+        if array.dtype != np.uint8:
+            raise DataError(f"{name} holds {array.dtype} values; MNIST files hold bytes (uint8)")
+        if array.ndim != ndim:
+            raise DataError(f"{name} has shape {array.shape}; expected {ndim} dimensions")
+    if images.shape[1:] != (28, 28):
+        raise DataError(f"{images_name} holds {images.shape[1:]} images; MNIST's are 28x28")
+    if labels.size and labels.max() > 9:
+        raise DataError(f"{labels_name} holds a label {labels.max()}; digits are 0..9")
+    if len(images) != len(labels):
+        raise DataError(f"{images_name} has {len(images)} images but {labels_name} {len(labels)}")
+    return images, labels
+
+
 def load(
-    split: str = "train", source: str = "auto", full_dir: Path | None = None
+    split: str = "train", source: str = "auto", data_dir: str | Path | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Raw images ``(N, 28, 28)`` uint8 and labels ``(N,)`` int64 of one split.
 
-    ``source``: ``"subset"`` (bundled 5k), ``"full"`` (IDX files in ``full_dir``, default
-    data/mnist/), or ``"auto"`` (full when present, else the subset).
+    ``source``: ``"subset"`` (bundled 5k), ``"full"`` (the IDX files in :func:`full_dir`), or
+    ``"auto"``: full when a folder was named (``data_dir``, ``$COURSE_DATA_DIR``) or the
+    repository's ``data/mnist/`` holds all four files, the subset when it holds none, and an error
+    naming the missing files otherwise (a half-copied dataset is a mistake, not a choice).
     """
-    full_dir = Path(full_dir) if full_dir is not None else FULL_DIR
     if split not in FULL_FILES:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if source not in ("auto", "subset", "full"):
         raise ValueError(f"source must be 'auto', 'subset' or 'full', got {source!r}")
-    if source == "full" or (source == "auto" and has_full(full_dir)):
-        if not has_full(full_dir):
+    folder = full_dir(data_dir)
+    named = bool(data_dir or os.environ.get(DATA_DIR_VARIABLE))
+    missing = missing_files(folder) if source != "subset" else []
+    if source == "full" or (source == "auto" and (named or len(missing) < 4)):
+        if missing:
+            what = "full MNIST not found" if len(missing) == 4 else "full MNIST incomplete"
             raise DataError(
-                f"full MNIST not found: put the four IDX files ({', '.join(FULL_FILES['train'])}, "
-                f"{', '.join(FULL_FILES['test'])}, optionally .gz) in {full_dir}"
+                f"{what} in {folder}: missing {', '.join(missing)} (each may end in .gz)"
             )
-        images_name, labels_name = FULL_FILES[split]
-        images = read_idx(_find(images_name, full_dir))
-        labels = read_idx(_find(labels_name, full_dir))
+        images, labels = _read_full(split, folder)
     else:
         arrays = _load_subset(SUBSET_PATH)
         images, labels = arrays[f"x_{split}"], arrays[f"y_{split}"]
-    if images.shape[0] != labels.shape[0]:
-        raise DataError(f"{images.shape[0]} images but {labels.shape[0]} labels")
     return images, labels.astype(np.int64)
 
 
@@ -132,10 +171,13 @@ def normalize(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def mnist(
-    split: str = "train", limit: int | None = None, source: str = "auto"
+    split: str = "train",
+    limit: int | None = None,
+    source: str = "auto",
+    data_dir: str | Path | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tensors ``X`` (N, 1, 28, 28) float32, normalised, and ``y`` (N,) int64; first ``limit`` only."""
-    images, labels = load(split, source)
+    images, labels = load(split, source, data_dir)
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     return normalize(images), torch.as_tensor(labels)

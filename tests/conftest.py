@@ -25,3 +25,15 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None):
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def workers_left() -> list[int]:
+    """This process's live children, less multiprocessing's resource tracker (started once by a
+    spawn test, long-lived by design)."""
+    from course_utils import launch
+
+    return [
+        pid
+        for pid in launch.children()
+        if "resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+    ]

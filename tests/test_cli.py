@@ -51,7 +51,7 @@ def test_cli_writes_the_contract_json(cli, tmp_path, model):
         (["--batch-size", "0"], "--batch-size must be in"),
         (["--batch-size", "100000"], "--batch-size must be in"),
         (["--steps", "0"], "--steps must be at least 1"),
-        (["--lr", "-1"], "--lr must be positive"),
+        (["--lr", "-1"], "--lr must be a positive number"),
         (["--threads", "0"], "--threads must be at least 1"),
         (["--steps", "ten"], "invalid int value"),
         (["--nproc", "2"], "--parallel none runs one process"),

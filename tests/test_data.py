@@ -88,11 +88,11 @@ def test_full_mnist_from_idx_folder(tmp_path):
         )
     assert data.has_full(tmp_path)
     for split, (images, labels) in sets.items():
-        got_images, got_labels = data.load(split, source="auto", full_dir=tmp_path)
+        got_images, got_labels = data.load(split, source="auto", data_dir=tmp_path)
         np.testing.assert_array_equal(got_images, images)
         assert got_labels.dtype == np.int64 and got_labels.tolist() == labels.tolist()
     with pytest.raises(data.DataError, match="full MNIST not found"):
-        data.load("train", source="full", full_dir=tmp_path / "empty")
+        data.load("train", source="full", data_dir=tmp_path / "empty")
 
 
 def test_mnist_tensors_and_sequence_view():

@@ -1,34 +1,20 @@
-"""The launcher: results by rank, errors with rank and traceback, timeouts, no orphans."""
+"""The launcher: results by rank, the torchrun environment, threads, fork and spawn, no orphans.
+(What happens when a worker fails, hangs or is interrupted: tests/test_faults.py.)"""
 
 import datetime
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import time
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import ROOT
+from conftest import ROOT, workers_left
 
 from course_utils import hardware, launch
 from course_utils.launch import runner
 from course_utils.loop import num_threads
-
-HANG_GUARD_S = 60  # a limit only a hang would reach; how fast these are is for benchmarks/
-
-
-def workers_left() -> list[int]:
-    """This process's live children, less multiprocessing's resource tracker (started once by
-    the spawn test, long-lived by design)."""
-    return [
-        pid
-        for pid in launch.children()
-        if "resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
-    ]
 
 
 def sum_of_ranks(offset, scale=1):
@@ -75,80 +61,6 @@ def test_worker_code_may_init_the_group_itself_from_master_addr_and_port():
 def test_thread_budget_defaults_to_cores_per_worker():
     (_, _, threads, _), _ = launch.run(sum_of_ranks, 2, 0)
     assert threads == max(1, hardware.num_cores() // 2)
-
-
-def write_pid_then(tmp, behaviour):
-    (tmp / f"pid{dist.get_rank()}").write_text(str(os.getpid()))
-    dist.barrier()  # every rank has written its PID
-    if dist.get_rank() == 1:
-        if behaviour == "raise":
-            raise ValueError("rank one is broken")
-        if behaviour == "die":
-            os._exit(3)
-    time.sleep(600)  # the others are still busy when rank 1 fails
-
-
-@pytest.mark.parametrize("behaviour", ["raise", "die"])
-def test_a_failing_worker_raises_fast_with_rank_and_traceback_and_leaves_nothing(
-    tmp_path, behaviour
-):
-    start = time.monotonic()
-    with pytest.raises(launch.WorkerError) as info:
-        launch.run(write_pid_then, 3, tmp_path, behaviour)
-    assert time.monotonic() - start < HANG_GUARD_S  # not the 600 s the other ranks sleep
-    assert info.value.rank == 1
-    if behaviour == "raise":
-        assert "ValueError: rank one is broken" in str(info.value)
-        assert "write_pid_then" in info.value.worker_traceback  # the worker's own frames
-    else:
-        assert "exited with code 3" in str(info.value)
-    pids = [int((tmp_path / f"pid{r}").read_text()) for r in range(3)]
-    assert not any(launch.alive(pid) for pid in pids)
-    assert workers_left() == []
-
-
-def sleeper():
-    time.sleep(600)
-
-
-def test_timeout_stops_every_worker():
-    start = time.monotonic()
-    with pytest.raises(launch.LaunchTimeout, match="ranks \\[0, 1\\]"):
-        launch.run(sleeper, 2, timeout=1.5)
-    assert time.monotonic() - start < HANG_GUARD_S  # not the 600 s they sleep
-    assert workers_left() == []
-
-
-def skip_collective():
-    if dist.get_rank() == 0:
-        dist.all_reduce(torch.zeros(1))  # rank 1 never joins
-    else:
-        time.sleep(600)
-
-
-def test_a_skipped_collective_fails_after_the_group_timeout_not_30_minutes():
-    start = time.monotonic()
-    with pytest.raises(launch.WorkerError) as info:
-        launch.run(skip_collective, 2, group_timeout=2)
-    assert info.value.rank == 0
-    assert time.monotonic() - start < HANG_GUARD_S  # the group's 2 s, not gloo's 30 minutes
-
-
-def interrupt_the_caller_then_sleep(caller: int):
-    dist.barrier()  # both workers are running...
-    if dist.get_rank() == 0:
-        os.kill(
-            caller, signal.SIGINT
-        )  # ...when the kernel is interrupted (Ctrl-C, or the stop button)
-    time.sleep(600)
-
-
-def test_interrupting_the_caller_stops_the_workers():
-    start = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        launch.run(interrupt_the_caller_then_sleep, 2, os.getpid(), timeout=300)
-    assert time.monotonic() - start < HANG_GUARD_S  # not the 600 s they sleep, nor the timeout
-    assert workers_left() == []
 
 
 def test_two_launches_at_once_do_not_collide():

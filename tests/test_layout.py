@@ -68,12 +68,13 @@ ENV_WRITE = re.compile(r"os\.environ\[[^\]]+\]\s*=|os\.environ\.(update|setdefau
 
 
 def test_settings_travel_as_parameters_not_environment_variables():
-    # The one setting read from the environment is COURSE_FAST (CI's fast mode). The only write
-    # is the launcher's worker setting what torchrun would set (RANK, WORLD_SIZE, MASTER_ADDR...).
+    # Read from the environment: COURSE_FAST (CI's fast mode) and COURSE_DATA_DIR (a learner's
+    # own full MNIST). The only write is the launcher's worker setting what torchrun would set
+    # (RANK, WORLD_SIZE, MASTER_ADDR...) and gloo's loopback interface.
     writers = []
     for path in MODULES:
         text = path.read_text()
-        assert set(re.findall(r"COURSE_[A-Z_]+", text)) <= {"COURSE_FAST"}, path
+        assert set(re.findall(r"COURSE_[A-Z_]+", text)) <= {"COURSE_FAST", "COURSE_DATA_DIR"}, path
         if ENV_WRITE.search(text):
             writers.append(str(path.relative_to(PACKAGE)))
     assert writers == ["launch/worker.py"]

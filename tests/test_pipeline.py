@@ -76,7 +76,7 @@ def test_units_compose_to_the_model(name):
             h = stage(h)
         torch.testing.assert_close(h, model(X), rtol=1e-5, atol=1e-5)
     two = stages.split(name, model, stages.even_sizes(name, 2))
-    state = stages.assemble([p for s in two for p in stages.full_pieces(s)])
+    state = cu.checkpoint.assemble([p for s in two for p in stages.full_pieces(s)])
     assert state.keys() == model.state_dict().keys()
     for k, v in model.state_dict().items():
         torch.testing.assert_close(state[k], v)

@@ -4,6 +4,7 @@
   (or the first error, with its rank and traceback) back to the caller;
 - :mod:`~course_utils.launch.worker`: inside a worker: :func:`worker` (rank, device, backend),
   :func:`process_group`, :func:`exit_cleanly`;
+- :mod:`~course_utils.launch.rendezvous`: where a launch's workers meet, and its clean-up;
 - :mod:`~course_utils.launch.processes`: finding child processes (to watch or kill them).
 """
 
@@ -12,6 +13,7 @@ from course_utils.launch.runner import LaunchTimeout, WorkerError, free_port, ru
 from course_utils.launch.worker import (
     GROUP_TIMEOUT_S,
     Worker,
+    environment_error,
     exit_cleanly,
     launched,
     process_group,
@@ -25,6 +27,7 @@ __all__ = [
     "WorkerError",
     "alive",
     "children",
+    "environment_error",
     "exit_cleanly",
     "free_port",
     "launched",

@@ -4,13 +4,11 @@ first error, with its rank and traceback) back in the caller.
 How it works, and why:
 - **Ranks come from the environment, as under torchrun.** Each worker gets ``RANK``,
   ``WORLD_SIZE`` and ``LOCAL_RANK``, so worker code runs unchanged under ``torchrun``. Only the
-  rendezvous differs: torchrun's workers meet at a TCP store (``MASTER_ADDR``/``MASTER_PORT``,
-  ``env://``); this launcher's workers, all on one machine, meet at a file in a fresh temporary
-  folder (``file://``, handed to each worker). No port can collide, and no TCP connect can
-  stall: on the machine this course was built on, about one ``env://`` connect in 30 took 5 s.
-  ``MASTER_ADDR=127.0.0.1`` and a
-  free ``MASTER_PORT`` (never 29500) are set too, so a worker that calls a bare
-  ``dist.init_process_group("gloo")`` (``init_group=False``) also works: its rank 0 hosts the store.
+  rendezvous differs: this launcher's workers, all on one machine, meet at a file in a fresh
+  temporary folder (:mod:`~course_utils.launch.rendezvous`), so no port can collide and no TCP
+  connect can stall (about one ``env://`` connect in 30 took 5 s on the machine this course was
+  built on). ``MASTER_ADDR=127.0.0.1`` and a free ``MASTER_PORT`` (never 29500) are set too, for
+  worker code that calls a bare ``dist.init_process_group("gloo")`` (``init_group=False``).
 - **The device is a parameter.** ``device="auto"`` gives each worker a GPU (NCCL) when there is
   one per worker, and the CPU (gloo) otherwise; ``"cpu"`` or ``"cuda"`` force the choice. Every
   worker of a launch gets the same kind, so no comparison mixes a GPU with CPUs.
@@ -38,12 +36,10 @@ How it works, and why:
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import pickle
-import shutil
 import socket
 import sys
-import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -52,15 +48,21 @@ from multiprocessing.connection import wait
 import torch
 
 from course_utils import hardware
+from course_utils.launch import rendezvous
 from course_utils.launch.worker import GROUP_TIMEOUT_S, child_main
+
+MAX_WORKERS_PER_CORE = 4  # more is a typo (--nproc 1000), not an experiment
+_START_LOCK = threading.Lock()
 
 
 class WorkerError(RuntimeError):
-    """A worker raised (or died): carries its ``rank`` and the worker's own traceback."""
+    """A worker raised (or died): carries its ``rank``, the ``kind`` of error (the exception's
+    class name), its ``message`` and the worker's own traceback."""
 
-    def __init__(self, rank: int, message: str, worker_traceback: str = ""):
-        self.rank, self.worker_traceback = rank, worker_traceback
-        text = f"worker rank {rank} failed: {message}"
+    def __init__(self, rank: int, message: str, worker_traceback: str = "", kind: str = ""):
+        self.rank, self.kind, self.message = rank, kind, message
+        self.worker_traceback = worker_traceback
+        text = f"worker rank {rank} failed: {f'{kind}: ' if kind else ''}{message}"
         if worker_traceback:
             text += f"\n\n--- traceback of rank {rank} ---\n{worker_traceback}"
         super().__init__(text)
@@ -147,6 +149,7 @@ def run(
     init_group: bool = True,
     group_timeout: float = GROUP_TIMEOUT_S,
     device: str = "auto",
+    oversubscribe: bool = False,
     **kwargs,
 ) -> list:
     """Run ``fn(*args, **kwargs)`` on ``nproc`` worker processes; return their results by rank.
@@ -155,12 +158,20 @@ def run(
     starts (``dist.get_rank()`` etc. work) and destroyed after. ``threads``: torch threads per
     worker (default cores // nproc, at least 1; a forked worker of a notebook function gets 1, see
     the module docstring). ``device``: ``"auto"`` (a GPU per worker when there are ``nproc`` of
-    them, else the CPU), ``"cpu"`` or ``"cuda"``. Raises :class:`WorkerError` (first failure)
-    or :class:`LaunchTimeout`.
+    them, else the CPU), ``"cpu"`` or ``"cuda"``. More than ``MAX_WORKERS_PER_CORE`` workers per
+    core are refused unless ``oversubscribe``. Raises :class:`WorkerError` (first failure) or
+    :class:`LaunchTimeout`.
     """
     if nproc < 1:
         raise ValueError(f"nproc must be at least 1, got {nproc}")
+    if not timeout > 0:  # also refuses NaN
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
     cores = hardware.num_cores()
+    if nproc > MAX_WORKERS_PER_CORE * cores and not oversubscribe:
+        raise ValueError(
+            f"{nproc} workers on {cores} cores is far too many (at most "
+            f"{MAX_WORKERS_PER_CORE * cores}); pass oversubscribe=True to run them anyway"
+        )
     if nproc > cores:
         _warn_once(
             "oversubscribe",
@@ -186,49 +197,53 @@ def run(
                 )
     if method == "spawn":
         _check_spawnable(fn)
-    else:
-        _preload()
     ctx = mp.get_context(method)
-
-    rendezvous = tempfile.mkdtemp(prefix="course-launch-")  # the workers meet at a file in it
     port = free_port()  # only for worker code that calls a bare init_process_group (env://)
+    loopback = rendezvous.loopback_interface() if kind == "cpu" else None
     procs, readers = [], {}
-    try:
-        for rank in range(nproc):
-            env = {  # what torchrun would set, so that worker code runs unchanged under it
-                "RANK": str(rank),
-                "LOCAL_RANK": str(rank),
-                "WORLD_SIZE": str(nproc),
-                "LOCAL_WORLD_SIZE": str(nproc),
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-                "OMP_NUM_THREADS": str(threads),
-            }
-            setup = {
-                "env": env,
-                "threads": threads,
-                "kind": kind,
-                "store": os.path.join(rendezvous, "store"),
-                "init_group": init_group,
-                "group_timeout": group_timeout,
-            }
-            reader, writer = ctx.Pipe(duplex=False)
-            p = ctx.Process(
-                target=child_main,
-                args=(fn, args, kwargs, setup, writer),
-                name=f"course-worker-{rank}",
-                daemon=True,
-            )
-            p.start()
-            writer.close()  # the child holds the writing end now
-            procs.append(p)
-            readers[reader] = rank
-        return _collect(procs, readers, timeout)
-    finally:
-        _stop(procs)
-        for reader in readers:
-            reader.close()
-        shutil.rmtree(rendezvous, ignore_errors=True)
+    with rendezvous.cleanup_on_signals(), rendezvous.folder() as meeting:
+        try:
+            # One launch starts its processes at a time: forking while another thread holds
+            # the import lock (a first DDP import, say) would leave the child deadlocked.
+            with _START_LOCK:
+                if method == "fork":
+                    _preload()
+                for rank in range(nproc):
+                    env = {  # what torchrun would set: worker code runs unchanged under it
+                        "RANK": str(rank),
+                        "LOCAL_RANK": str(rank),
+                        "WORLD_SIZE": str(nproc),
+                        "LOCAL_WORLD_SIZE": str(nproc),
+                        "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(port),
+                        "OMP_NUM_THREADS": str(threads),
+                    }
+                    if loopback:  # gloo's own setting: one machine, so listen on loopback only
+                        env["GLOO_SOCKET_IFNAME"] = loopback
+                    setup = {
+                        "env": env,
+                        "threads": threads,
+                        "kind": kind,
+                        "store": str(meeting / "store"),
+                        "init_group": init_group,
+                        "group_timeout": group_timeout,
+                    }
+                    reader, writer = ctx.Pipe(duplex=False)
+                    p = ctx.Process(
+                        target=child_main,
+                        args=(fn, args, kwargs, setup, writer),
+                        name=f"course-worker-{rank}",
+                        daemon=True,
+                    )
+                    p.start()
+                    writer.close()  # the child holds the writing end now
+                    procs.append(p)
+                    readers[reader] = rank
+            return _collect(procs, readers, timeout)
+        finally:
+            _stop(procs)
+            for reader in readers:
+                reader.close()
 
 
 def _collect(procs: list, readers: dict, timeout: float) -> list:
@@ -252,12 +267,18 @@ def _collect(procs: list, readers: dict, timeout: float) -> list:
             if obj in pending:
                 rank = pending[obj]
                 try:
-                    status, payload = pickle.loads(obj.recv_bytes())
+                    raw = obj.recv_bytes()
                 except (EOFError, OSError):  # the pipe closed with no message: the worker died
                     raise _died(procs[rank], rank) from None
+                try:
+                    status, payload = pickle.loads(raw)
+                except Exception as err:  # e.g. a class this process can't import
+                    message = f"its result could not be unpickled here: {err!r}"
+                    raise WorkerError(rank, message, kind="ResultError") from None
                 del pending[obj]
                 if status == "error":
-                    raise WorkerError(rank, *payload)
+                    kind, message, worker_traceback = payload
+                    raise WorkerError(rank, message, worker_traceback, kind)
                 results[rank] = payload
             elif sentinels[obj] in pending.values() and not _reader_of(
                 pending, sentinels[obj]

@@ -61,9 +61,11 @@ def _kind(device: str | None) -> str:
 def worker(device: str | None = None) -> Worker:
     """This process's place in the run (rank 0 of 1 when not launched at all). ``device``:
     ``"cpu"``, ``"cuda"``, or ``"auto"``/None for the launcher's (or the process group's) choice."""
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank, world_size = 0, 0, 1  # not launched: the only process
+    if launched():  # RANK alone (a stray variable) does not make this process a worker
+        rank = int(os.environ["RANK"])
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        world_size = int(os.environ["WORLD_SIZE"])
     kind = _kind(device)
     return Worker(
         rank=rank,
@@ -77,6 +79,29 @@ def worker(device: str | None = None) -> Worker:
 def launched() -> bool:
     """True inside a worker started by torchrun or :func:`course_utils.launch.run`."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def environment_error() -> str | None:
+    """Why this process's launcher variables (torchrun's) can't work, in one line, or None."""
+    values = {}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        raw = os.environ.get(name)
+        if raw is not None:
+            try:
+                values[name] = int(raw)
+            except ValueError:
+                return f"{name}={raw!r} is not a whole number (it is torchrun's to set)"
+    if not launched():
+        return None
+    rank, world_size = values["RANK"], values["WORLD_SIZE"]
+    if world_size < 1 or not 0 <= rank < world_size:
+        return f"RANK={rank} does not fit WORLD_SIZE={world_size} (ranks are 0..WORLD_SIZE-1)"
+    if not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
+        return (
+            "RANK and WORLD_SIZE are set but MASTER_ADDR and MASTER_PORT are not: start the "
+            "workers with torchrun (it sets all four), or unset RANK and WORLD_SIZE and use --nproc"
+        )
+    return None
 
 
 @contextmanager
@@ -143,13 +168,13 @@ def child_main(fn, args, kwargs, setup: dict, conn) -> None:
         else:
             payload = fn(*args, **kwargs)
     except BaseException as err:  # report everything, KeyboardInterrupt included
-        status, payload = "error", (f"{type(err).__name__}: {err}", traceback.format_exc())
+        status, payload = "error", (type(err).__name__, str(err), traceback.format_exc())
     try:
         # Plain pickle, sent as bytes: multiprocessing's own pickler would share tensors through
         # file descriptors that vanish when this process exits right after sending.
         conn.send_bytes(pickle.dumps((status, payload)))
     except Exception as err:  # e.g. a result that can't be pickled
-        message = (f"result could not be sent back: {err!r}", traceback.format_exc())
+        message = ("ResultError", f"its result could not be sent back: {err!r}", "")
         conn.send_bytes(pickle.dumps(("error", message)))
     conn.close()
     exit_cleanly(0 if status == "ok" else 1)

@@ -243,16 +243,27 @@ def boundary_shapes(stages: list[nn.Module], sample: torch.Tensor) -> list[tuple
     return shapes
 
 
-def full_pieces(stage: nn.Module, grads: bool = False) -> list[tuple[str, int, torch.Tensor]]:
-    """This stage's parameters (or gradients) as (full-model name, first row, tensor)."""
-    pieces = []
+def param_origins(stage: nn.Module) -> list[tuple[str, int, nn.Parameter]]:
+    """Each parameter of a stage with its place in the whole model: (full-model name, first row,
+    parameter). A slice of conv2 starts at its first output channel; other units hold whole
+    layers, named as in the full model."""
+    found = []
     for unit in _leaves(stage):
         origin = getattr(unit, "origin", {})
         for local, param in unit.named_parameters():
             full, row = origin.get(local, (local, 0))
-            tensor = param.grad if grads else param.data
-            if tensor is not None:
-                pieces.append((full, row, tensor.detach().cpu().clone()))
+            found.append((full, row, param))
+    return found
+
+
+def full_pieces(stage: nn.Module, grads: bool = False) -> list[tuple[str, int, torch.Tensor]]:
+    """This stage's parameters (or gradients) as (full-model name, first row, tensor): what
+    :func:`course_utils.checkpoint.assemble` joins, gathered from every stage, into whole tensors."""
+    pieces = []
+    for full, row, param in param_origins(stage):
+        tensor = param.grad if grads else param.data
+        if tensor is not None:
+            pieces.append((full, row, tensor.detach().cpu().clone()))
     return pieces
 
 
@@ -263,11 +274,3 @@ def _leaves(module: nn.Module):
             yield from _leaves(child)
     else:
         yield module
-
-
-def assemble(pieces: list[tuple[str, int, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Full-model tensors by name from the pieces of all stages (slices joined along rows)."""
-    by_name: dict[str, list] = {}
-    for full, row, tensor in pieces:
-        by_name.setdefault(full, []).append((row, tensor))
-    return {k: torch.cat([t for _, t in sorted(v, key=lambda p: p[0])]) for k, v in by_name.items()}

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from course_utils import data, launch, loop, models
+from course_utils import checkpoint, data, launch, loop, models
 from course_utils.pipeline import hand, stages
 from course_utils.pipeline.schedules import SCHEDULES, Event, stage_order
 from course_utils.pipeline.torch_engine import TorchPipeline
@@ -146,6 +146,8 @@ class Pipeline:
             step_fn=self.step_fn,
             reduce=self.reduce,
             is_main=self.rank == 0,
+            params=stages.param_origins(self.stage),
+            holds_all=False,
         )
 
     def full_state(self) -> dict[str, torch.Tensor] | None:
@@ -160,7 +162,7 @@ class Pipeline:
 def _gather(pieces, rank: int):
     everything = [None] * dist.get_world_size() if rank == 0 else None
     dist.gather_object(pieces, everything, dst=0)
-    return stages.assemble([p for part in everything for p in part]) if rank == 0 else None
+    return checkpoint.assemble([p for part in everything for p in part]) if rank == 0 else None
 
 
 def measured_plan(name: str, num_stages: int, microbatch_size: int, seed: int = 0) -> list[int]:
