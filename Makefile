@@ -1,4 +1,7 @@
 # Every target sets up .venv itself on first use (torch pinned by constraints.txt).
+# OpenMP threads that sleep instead of spinning while they wait: set before any kernel loads torch
+# (course_utils sets it too, when it is imported before torch; lesson 01 shows why it matters).
+export OMP_WAIT_POLICY ?= PASSIVE
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin

@@ -8,10 +8,19 @@ processes and CI never need a screen.
 
 import importlib
 import os
+import sys
 
-from course_utils import data, hardware, loop, models
+# PyTorch's OpenMP threads busy-wait between parallel regions by default, spinning on cores that
+# another program (a browser, the other worker) needs: on a 2-core laptop with one other busy
+# program, 2 threads then run at 0.3-0.7x the speed of 1. A passive wait policy gives the core
+# back. OpenMP reads it once, when torch loads: so it is set here, before the imports below, and
+# inherited by every worker and subprocess (cu.hardware.wait_policy() says whether it took).
+TORCH_LOADED_FIRST = "torch" in sys.modules  # then this process's threads keep torch's policy
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-__all__ = ["data", "hardware", "loop", "models", "FAST", "pick"]
+from course_utils import data, hardware, loop, measure, models  # noqa: E402
+
+__all__ = ["data", "hardware", "loop", "measure", "models", "FAST", "pick"]
 
 _LAZY = {
     "plots",

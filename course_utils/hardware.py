@@ -63,6 +63,30 @@ def threads_per_worker(nproc: int, cores: int | None = None) -> int:
     return max(1, cores // nproc)
 
 
+def wait_policy() -> str:
+    """How this process's OpenMP threads wait between parallel regions, in a few words: PASSIVE
+    (they sleep, and give the core back) unless the environment says otherwise or torch was
+    imported before ``course_utils`` set it (OpenMP reads the setting once, when torch loads)."""
+    import course_utils
+
+    policy = os.environ.get("OMP_WAIT_POLICY", "").upper() or "ACTIVE (OpenMP's default)"
+    if course_utils.TORCH_LOADED_FIRST and not _inherited_policy():
+        return (
+            "ACTIVE: torch was imported before course_utils, so OpenMP kept its busy-waiting "
+            "threads (import course_utils first, or start Jupyter with `make lab`)"
+        )
+    return policy
+
+
+def _inherited_policy() -> bool:
+    """Whether OMP_WAIT_POLICY was already in the environment this process started with."""
+    try:
+        with open(f"/proc/{os.getpid()}/environ", "rb") as f:
+            return b"OMP_WAIT_POLICY=" in f.read()
+    except OSError:
+        return False
+
+
 @dataclass
 class MachineInfo:
     """A summary of the machine, printed by notebook 00."""
@@ -75,6 +99,7 @@ class MachineInfo:
     backend: str
     device: str
     torch_threads: int
+    omp_wait_policy: str
 
 
 def summary() -> MachineInfo:
@@ -89,6 +114,7 @@ def summary() -> MachineInfo:
         backend=backend(),
         device=str(device()),
         torch_threads=torch.get_num_threads(),
+        omp_wait_policy=wait_policy(),
     )
 
 

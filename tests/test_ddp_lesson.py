@@ -31,7 +31,11 @@ def plotted_points(figure) -> set[tuple[float, float]]:
 
 def test_speedup_panel_runs_real_ddp_adds_a_plotted_point_and_caches_it():
     calls: list = []
-    panel = cu.widgets.SpeedupPanel(batch_sizes=(32, 48), num_steps=3, train=counting_train(calls))
+    panel = cu.widgets.SpeedupPanel(
+        batch_sizes=(32, 48), num_steps=3, train=counting_train(calls), repeats=2
+    )
+    drawn = []  # what the panel showed, and when, while it measured
+    panel.redraw = lambda redraw=panel.redraw: (drawn.append(list(panel.results)), redraw())[1]
     panel.controls["model"].value = "rnn"
     panel.controls["nproc"].value = 2
     panel.controls["batch_size"].value = 32
@@ -41,21 +45,26 @@ def test_speedup_panel_runs_real_ddp_adds_a_plotted_point_and_caches_it():
     assert len(panel.results) == 1
     point = panel.results[0]
     assert (point["model"], point["nproc"], point["batch_size"]) == ("rnn", 2, 32)
-    # one baseline run (1 worker) and the 2-worker run, both real DDP runs with 1 thread each
-    assert sorted(calls) == [("rnn", 1, 32, 1, "ddp"), ("rnn", 2, 32, 1, "ddp")]
+    # two rounds, each a baseline run (1 worker) then the 2-worker run: real DDP, 1 thread each
+    expected = [("rnn", 1, 32, 1, "ddp"), ("rnn", 2, 32, 1, "ddp")] * 2
+    assert calls == expected
     assert point["samples_per_s"] > 0 and point["baseline_samples_per_s"] > 0
-    assert point["speedup"] == pytest.approx(
-        point["samples_per_s"] / point["baseline_samples_per_s"]
-    )
+    assert point["speedup_min"] <= point["speedup"] <= point["speedup_max"]
     assert point["efficiency"] == pytest.approx(point["speedup"] / 2)
     assert (2.0, round(point["speedup"], 6)) in plotted_points(panel.figure)
+    # the first round's point was drawn before the second round ran, then replaced
+    assert (
+        [len(d) for d in drawn] == [1, 1]
+        and drawn[0][0].get("partial")
+        and not point.get("partial")
+    )
 
     panel.run_button.click()  # the same setting again: from the cache, no new run
-    assert panel.status.value == "cached" and len(panel.results) == 1 and len(calls) == 2
+    assert panel.status.value == "cached" and len(panel.results) == 1 and len(calls) == 4
 
-    panel.controls["nproc"].value = 1  # 1 worker: the baseline already measured, no new run
+    panel.controls["nproc"].value = 1  # 1 worker: one run per round, its own baseline
     panel.run_button.click()
-    assert len(panel.results) == 2 and len(calls) == 2
+    assert len(panel.results) == 2 and len(calls) == 6
     assert panel.results[1]["speedup"] == pytest.approx(1.0)
     assert (1.0, 1.0) in plotted_points(panel.figure)
     plt.close("all")
@@ -88,12 +97,14 @@ def test_speedup_panel_puts_every_point_on_one_kind_of_worker(monkeypatch, gpus,
 
     monkeypatch.setattr(cu.hardware, "num_gpus", lambda: gpus)
     monkeypatch.setattr(train, "run", fake_run)
-    panel = cu.widgets.SpeedupPanel(world_sizes=(1, 2, 4), batch_sizes=(32,), num_steps=2)
+    panel = cu.widgets.SpeedupPanel(
+        world_sizes=(1, 2, 4), batch_sizes=(32,), num_steps=2, repeats=1
+    )
     for nproc in (2, 4):
         panel.controls["nproc"].value = nproc
         panel.run_button.click()
         assert panel.last_error is None, panel.last_error
-    assert seen == [(1, device), (2, device), (4, device)]
+    assert seen == [(1, device), (2, device), (1, device), (4, device)]  # a baseline each round
     assert ("GPU" in panel.title) == (device == "cuda")
     plt.close("all")
 

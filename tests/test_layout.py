@@ -15,7 +15,7 @@ MAX_LINES = 350  # "a file past ~300 lines is asking to be split" (STYLE.md)
 # (notebooks -> widgets -> plots; train -> strategies -> launch, collectives, checkpoint -> loop,
 # models, data, hardware.)
 LAYERS = [
-    {"hardware", "data", "models", "loop", "scaling"},
+    {"hardware", "data", "models", "loop", "measure", "scaling"},
     {"launch", "collectives", "checkpoint"},
     {"ddp", "pipeline", "faq"},
     {"config", "train"},
@@ -69,14 +69,15 @@ ENV_WRITE = re.compile(r"os\.environ\[[^\]]+\]\s*=|os\.environ\.(update|setdefau
 
 def test_settings_travel_as_parameters_not_environment_variables():
     # Read from the environment: COURSE_FAST (CI's fast mode) and COURSE_DATA_DIR (a learner's
-    # own full MNIST). The only write is the launcher's worker setting what torchrun would set
-    # (RANK, WORLD_SIZE, MASTER_ADDR...) and gloo's loopback interface.
+    # own full MNIST). Written: OMP_WAIT_POLICY (OpenMP reads nothing else, and only when torch
+    # loads), and in a launched worker what torchrun would set (RANK, WORLD_SIZE, ...) and gloo's
+    # loopback interface.
     writers = []
     for path in MODULES:
         text = path.read_text()
         assert set(re.findall(r"COURSE_[A-Z_]+", text)) <= {"COURSE_FAST", "COURSE_DATA_DIR"}, path
         if ENV_WRITE.search(text):
             writers.append(str(path.relative_to(PACKAGE)))
-    assert writers == ["launch/worker.py"]
+    assert writers == ["__init__.py", "launch/worker.py"]  # OpenMP's wait policy; torchrun's
     for notebook in (ROOT / "notebooks").glob("*.ipynb"):
         assert "use_gpu" not in notebook.read_text(), notebook.name

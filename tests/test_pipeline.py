@@ -220,7 +220,9 @@ def test_pipeline_panel_simulates_on_change_and_runs_on_click():
         events = schedules.simulate(schedule, stages, microbatches, 1e-3, 2e-3)
         return {"samples_per_s": 100.0 * stages, "events": events}
 
-    panel = cu.widgets.PipelinePanel("cnn", batch_size=16, baseline=100.0, launch=fake_launch)
+    panel = cu.widgets.PipelinePanel(
+        "cnn", batch_size=16, baseline=100.0, launch=fake_launch, repeats=1
+    )
     assert "p=2" in panel.figure.axes[0].get_title() and not calls  # simulated, nothing run
     panel.controls["microbatches"].value = 8
     assert "m=8" in panel.figure.axes[0].get_title() and not calls  # redrawn at once
@@ -253,7 +255,7 @@ def test_pipeline_panel_runs_cpu_workers_like_its_baseline(monkeypatch):
 
     monkeypatch.setattr(cu.hardware, "num_gpus", lambda: 8)
     monkeypatch.setattr(cu.launch, "run", fake_run)
-    panel = cu.widgets.PipelinePanel("rnn", batch_size=16, baseline=100.0)
+    panel = cu.widgets.PipelinePanel("rnn", batch_size=16, baseline=100.0, repeats=1)
     panel.controls["microbatches"].value = 2
     panel.run_button.click()
     assert panel.last_error is None, panel.last_error

@@ -37,7 +37,7 @@ def test_measure_button_records_a_point_and_caches_it(data):
     X, y = data
     measure = counting(cu.loop.measure_throughput)
     panel = cu.widgets.ThroughputPanel(
-        TinyModel(), X, y, batch_sizes=[8, 32], num_steps=2, measure=measure
+        TinyModel(), X, y, batch_sizes=[8, 32], num_steps=2, measure=measure, repeats=3
     )
     assert panel.controls["threads"].max == cu.hardware.num_cores()
 
@@ -45,19 +45,19 @@ def test_measure_button_records_a_point_and_caches_it(data):
     panel.controls["threads"].value = 1
     panel.run_button.click()
     assert panel.last_error is None, panel.last_error
-    assert len(panel.results) == 1 and measure.calls == 1
+    assert len(panel.results) == 1 and measure.calls == 3  # three repeats: a median, a bar
     point = panel.results[0]
     assert point["batch_size"] == 32 and point["threads"] == 1
-    assert point["samples_per_s"] > 0
+    assert point["samples_per_s_min"] <= point["samples_per_s"] <= point["samples_per_s_max"]
     assert panel.figure is not None and panel.figure.axes[0].lines  # the point was drawn
 
     panel.run_button.click()  # same setting: answered from the cache
-    assert measure.calls == 1 and len(panel.results) == 1
+    assert measure.calls == 3 and len(panel.results) == 1
     assert panel.status.value == "cached"
 
     panel.controls["batch_size"].value = 8
     panel.run_button.click()  # a new setting: measured and appended
-    assert measure.calls == 2 and len(panel.results) == 2
+    assert measure.calls == 6 and len(panel.results) == 2
     assert panel.results[-1]["batch_size"] == 8 and panel.results[-1]["samples_per_s"] > 0
 
 
@@ -85,6 +85,14 @@ def test_measurements_plot_draws_one_sorted_line_per_group_and_nothing_for_no_po
     assert len(lines) == 2  # one per thread count
     assert list(lines[1].get_xdata()) == [16, 64]  # sorted along x
     assert [line.get_label() for line in lines] == ["threads = 1", "threads = 2"]
+    noisy = {
+        "batch_size": 32,
+        "threads": 1,
+        **cu.measure.spread([80, 100, 130]).as_dict("samples_per_s"),
+    }
+    fig = cu.plots.measurements([*points, noisy], x="batch_size", y="samples_per_s", by="threads")
+    bars = fig.axes[0].collections  # the error bar of the repeated point
+    assert len(bars) == 1 and "noisy" in [t.get_text() for t in fig.axes[0].get_legend().texts][-1]
     assert list(lines[1].get_ydata()) == [100.0, 300.0]
     empty = cu.plots.measurements([], x="batch_size", y="samples_per_s", by="threads")
     assert len(empty.axes[0].lines) == 0 and empty.axes[0].get_legend() is None  # before any Run

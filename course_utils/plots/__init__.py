@@ -2,8 +2,9 @@
 ``cu.plots.curves(...)``, ``cu.plots.gantt(...)``. Each function takes ``ax=None`` (or draws its
 own grid) and returns the figure; importing this package changes no global matplotlib state.
 
-- :mod:`~course_utils.plots.core`: lessons 01-02 (curves, images, throughput, step times) and
-  :func:`measurements`, which every panel's points use;
+- :mod:`~course_utils.plots.core`: lessons 01-02 (curves, images, step times);
+- :mod:`~course_utils.plots.measured`: measured points with their spread (min-max bars, noisy
+  points marked): :func:`measurements`, which every panel uses, and :func:`throughput`;
 - :mod:`~course_utils.plots.diagrams` and :mod:`~course_utils.plots.scaling_laws`: lesson 03;
 - :mod:`~course_utils.plots.communication`: lesson 04; :mod:`~course_utils.plots.data_parallel`:
   lesson 05; :mod:`~course_utils.plots.pipeline`: lesson 06; :mod:`~course_utils.plots.faq`:
@@ -15,5 +16,6 @@ from course_utils.plots.core import *  # noqa: F403
 from course_utils.plots.data_parallel import *  # noqa: F403
 from course_utils.plots.diagrams import *  # noqa: F403
 from course_utils.plots.faq import *  # noqa: F403
+from course_utils.plots.measured import *  # noqa: F403
 from course_utils.plots.pipeline import *  # noqa: F403
 from course_utils.plots.scaling_laws import *  # noqa: F403

@@ -1,5 +1,5 @@
 """Figures of lessons 01 and 02 (curves, images, feature maps, throughput, step times), and the
-helpers every figure uses (:func:`measurements` draws any widget's points)."""
+helpers every figure uses."""
 
 from __future__ import annotations
 
@@ -11,13 +11,11 @@ import numpy as np
 __all__ = [
     "curves",
     "feature_maps",
-    "throughput",
     "stacked_bars",
     "sequence_view",
     "step_time",
     "images",
     "grouped_bars",
-    "measurements",
 ]
 
 
@@ -61,29 +59,6 @@ def feature_maps(maps, title: str | None = None, ncols: int = 8, cmap: str = "vi
     maps = np.asarray(maps)
     titles = [str(i) for i in range(len(maps))]
     return images(maps, titles, ncols=ncols, cmap=cmap, title=title, size=1.3)
-
-
-def throughput(
-    xs: Sequence,
-    series: dict[str, Sequence[float]],
-    xlabel: str,
-    ylabel: str = "samples / s",
-    title: str | None = None,
-    logx: bool = True,
-    ax=None,
-):
-    """Throughput (or any rate) against a setting, one line per series."""
-    fig, ax = _axes(ax)
-    for label, ys in series.items():
-        ax.plot(xs, ys, marker="o", label=label)
-    if logx:
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(list(xs), [str(x) for x in xs])
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    return fig
 
 
 def stacked_bars(
@@ -245,39 +220,5 @@ def grouped_bars(
         ax.set_ylim(*ylim)
     ax.grid(alpha=0.3, axis="y")
     ax.legend()
-    fig.tight_layout()
-    return fig
-
-
-def measurements(
-    points: Sequence[dict],
-    x: str,
-    y: str,
-    by: str | None = None,
-    xlabel: str | None = None,
-    ylabel: str = "samples / s",
-    title: str | None = None,
-    logx: bool = True,
-    ax=None,
-):
-    """Measured points (dicts, e.g. a widget's results) as ``y`` against ``x``, one line per value
-    of ``by``, points sorted along x; works with any subset of the settings measured so far."""
-    fig, ax = _axes(ax)
-    groups: dict = {}
-    for p in points:
-        groups.setdefault(p[by] if by else None, []).append((p[x], p[y]))
-    for key in sorted(groups, key=lambda k: (k is None, k)):
-        xs, ys = zip(*sorted(groups[key]))
-        ax.plot(xs, ys, marker="o", label=f"{by} = {key}" if by else None)
-    all_xs = sorted({p[x] for p in points})
-    if logx and all_xs and min(all_xs) > 0:
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(all_xs, [str(v) for v in all_xs])
-    ax.set(xlabel=xlabel or x, ylabel=ylabel, title=title)
-    if points:
-        ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    if by and points:
-        ax.legend()
     fig.tight_layout()
     return fig

@@ -8,6 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from course_utils.plots.core import _axes
+from course_utils.plots.measured import _noisy_legend, _spread_line
 
 __all__ = ["speedup", "sample_orders", "ddp_timeline"]
 
@@ -21,37 +22,43 @@ def speedup(
 ):
     """Speedup (left) and scaling efficiency (right) against the number of workers, with the ideal
     lines (speedup N, efficiency 1). ``points``: dicts with ``nproc`` and ``speedup`` (and
-    ``efficiency``, default speedup / nproc), one line per value of ``by``. With ``cores``, the
-    worker counts above it are shaded: those runs oversubscribe the machine."""
+    optionally ``speedup_min``/``speedup_max``/``speedup_noisy``, the spread of repeats: an error
+    bar, and a hollow marker when noisy), one line per value of ``by``. With ``cores``, the worker
+    counts above it are shaded: those runs oversubscribe the machine."""
     if axes is None:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     fig = axes[0].figure
     groups: dict = {}
     for p in points:
-        eff = p.get("efficiency", p["speedup"] / p["nproc"])
-        groups.setdefault(p[by] if by else None, []).append((p["nproc"], p["speedup"], eff))
+        s = p["speedup"]
+        value = (s, p.get("speedup_min", s), p.get("speedup_max", s), p.get("speedup_noisy", False))
+        groups.setdefault(p[by] if by else None, []).append((p["nproc"], value))
     all_n = sorted({p["nproc"] for p in points} | {1})
     n_max = max(all_n + [2])
     grid = np.arange(1, n_max + 1)
     axes[0].plot(grid, grid, "k--", alpha=0.7, label="ideal: N times faster")
-    axes[1].plot(grid, np.ones_like(grid), "k--", alpha=0.7, label="ideal: 100%")
+    axes[1].plot(grid, 100 * np.ones_like(grid), "k--", alpha=0.7, label="ideal: 100%")
     for key in sorted(groups, key=lambda k: (k is None, str(k))):
-        ns, speedups, effs = zip(*sorted(groups[key]))
+        ns, values = zip(*sorted(groups[key]))
         label = str(key) if by and key is not None else None
-        axes[0].plot(ns, speedups, marker="o", label=label)
-        axes[1].plot(ns, 100 * np.asarray(effs), marker="o", label=label)
-    axes[1].lines[0].set_ydata(100 * np.ones_like(grid))
-    top = max([s for _, s, _ in sum(groups.values(), [])] + [n_max]) * 1.1
+        _spread_line(axes[0], ns, values, label=label)
+        efficiency = [tuple(100 * v / n if not isinstance(v, bool) else v for v in value)
+                      for n, value in zip(ns, values)]  # fmt: skip
+        _spread_line(axes[1], ns, efficiency, label=label)
+    highs = [v[2] for pts in groups.values() for _, v in pts]
+    top = max(highs + [n_max]) * 1.1
     axes[0].set(xlabel="workers N", ylabel="speedup over 1 worker", ylim=(0, top))
     axes[1].set(xlabel="workers N", ylabel="scaling efficiency, % (speedup / N)")
-    axes[1].set_ylim(0, max(110, 100 * max([e for *_, e in sum(groups.values(), [])] + [1]) * 1.1))
+    effs = [100 * v[2] / n for pts in groups.values() for n, v in pts]
+    axes[1].set_ylim(0, max(110, max(effs + [100]) * 1.1))
+    noisy = any(v[3] for pts in groups.values() for _, v in pts)
     for ax in axes:
         if cores is not None and n_max > cores:
             ax.axvspan(cores + 0.5, n_max + 0.5, color="0.85", alpha=0.6, label="oversubscribed")
         ax.set_xticks(grid)
         ax.set_xlim(0.5, n_max + 0.5)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _noisy_legend(ax, noisy)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

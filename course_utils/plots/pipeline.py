@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
 
-from course_utils.plots.core import _axes, measurements
+from course_utils.plots.core import _axes
+from course_utils.plots.measured import measurements
 
 __all__ = ["gantt", "bubble", "pipeline_panel"]
 

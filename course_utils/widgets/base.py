@@ -40,6 +40,7 @@ class Panel:
         self.results: list[dict] = []  # one dict per distinct setting, in the order measured
         self.cache: dict[tuple, dict] = {}  # setting → its result, so a repeat click is instant
         self.last_error: str | None = None  # why the last run failed (a traceback, or one line)
+        self._live: dict | None = None  # the setting being measured (for progress())
         self.figure = None  # the last figure drawn
         self.run_button = widgets.Button(description=self.button_label, button_style="primary")
         self.status = widgets.HTML()
@@ -83,13 +84,39 @@ class Panel:
         if refusal:
             raise Refused(refusal)
         key = self.key(settings)
-        cached = key in self.cache
+        cached = key in self.cache and not self.cache[key].get("partial")
         if not cached:
-            self.cache[key] = {**settings, **self.compute(**settings)}
-            self.results.append(self.cache[key])
+            self._live = settings
+            try:
+                self._record(key, {**settings, **self.compute(**settings)})
+            except BaseException:
+                self._forget(key)  # no half-measured point survives a failure
+                raise
+            finally:
+                self._live = None
         self.status.value = "cached" if cached else "measured"
         self.redraw()
         return self.cache[key]
+
+    def progress(self, partial: dict, message: str) -> None:
+        """From inside :meth:`compute`: show what is measured so far (a provisional point, e.g.
+        after the first of several repeats) and say what is still running."""
+        if getattr(self, "_live", None) is None:
+            return  # compute() called directly (a test): nothing to show
+        key = self.key(self._live)
+        self._record(key, {**self._live, **partial, "partial": True})
+        self.status.value = message
+        self.redraw()
+
+    def _record(self, key: tuple, point: dict) -> None:
+        self._forget(key)
+        self.cache[key] = point
+        self.results.append(point)
+
+    def _forget(self, key: tuple) -> None:
+        old = self.cache.pop(key, None)
+        if old is not None:
+            self.results.remove(old)
 
     def redraw(self) -> None:
         """Draw every result so far into the output area (the figure is shown once, there)."""
@@ -131,7 +158,7 @@ class Panel:
         try:
             refusal = self.check(**self.settings())
             self.redraw()
-            if self.current():
+            if self.current() and not self.current().get("partial"):
                 self.status.value = "cached"
             elif refusal:
                 self.status.value = f"can't run this setting: {html.escape(refusal, quote=False)}"

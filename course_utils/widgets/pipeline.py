@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 import ipywidgets as widgets
 
 from course_utils import launch, plots
+from course_utils.measure import spread
 from course_utils.pipeline import schedules, worker
 from course_utils.pipeline import stages as pipeline_stages
 from course_utils.widgets.base import Panel
@@ -16,7 +17,8 @@ class PipelinePanel(Panel):
     """Choose stages, microbatches, schedule and engine. The simulated timeline (from unit costs
     measured in this process with the workers' thread count) redraws at every change; Run trains
     a few steps on real worker processes (:func:`course_utils.pipeline.worker.profile`) and draws
-    the measured timeline and the speedup over one process beside it. Its workers are CPU
+    the measured timeline and the speedup over one process beside it: the median of ``repeats``
+    rounds (one process, then the pipeline), with a min-max bar. Its workers are CPU
     processes even on a GPU box, like the baseline and the simulated costs it is compared with
     (``python -m course_utils.train --parallel pipeline`` uses a GPU per stage)."""
 
@@ -31,10 +33,12 @@ class PipelinePanel(Panel):
         baseline: float | None = None,
         launch: Callable[..., dict] | None = None,
         threads: int = 1,
+        repeats: int = 2,
     ):
         self.model_name, self.batch_size, self.num_steps = model, batch_size, num_steps
         self.threads = threads  # per worker; the baseline is one process with as many
-        self.baseline = baseline  # samples/s of one process; measured at the first Run if None
+        self.baseline = baseline  # samples/s of one process; measured in each round if None
+        self.repeats = repeats  # rounds per point (one process, then the pipeline, each round)
         self.launch = launch or self._launch  # (stages, microbatches, schedule, engine) -> dict
         self._costs: dict[int, list] = {}  # microbatch size -> unit (forward, backward) seconds
         controls = {
@@ -90,18 +94,24 @@ class PipelinePanel(Panel):
         return None
 
     def compute(self, stages: int, microbatches: int, schedule: str, engine: str) -> dict:
-        if self.baseline is None:
-            self.baseline = worker.one_process_throughput(
+        rates, speedups = [], []
+        for round_ in range(self.repeats):
+            base = self.baseline or worker.one_process_throughput(
                 self.model_name, self.batch_size, self.threads, self.num_steps
             )
-        result = self.launch(stages, microbatches, schedule, engine)
-        return {
-            "samples_per_s": result["samples_per_s"],
-            "speedup": result["samples_per_s"] / self.baseline,
-            "bound": schedules.speedup_bound(stages, microbatches),
-            "bubble": schedules.bubble_fraction(result["events"], stages),
-            "events": result["events"],
-        }
+            result = self.launch(stages, microbatches, schedule, engine)
+            rates.append(result["samples_per_s"])
+            speedups.append(result["samples_per_s"] / base)  # paired: the same round
+            point = {
+                "samples_per_s": spread(rates).median,
+                **spread(speedups).as_dict("speedup"),
+                "bound": schedules.speedup_bound(stages, microbatches),
+                "bubble": schedules.bubble_fraction(result["events"], stages),
+                "events": result["events"],  # the last round's timeline
+            }
+            if round_ + 1 < self.repeats:
+                self.progress(point, f"round {round_ + 1} of {self.repeats} measured...")
+        return point
 
     def draw(self, results: list[dict]):
         settings = self.settings()

@@ -6,15 +6,17 @@ from collections.abc import Callable, Sequence
 
 import ipywidgets as widgets
 
-from course_utils import config, hardware, plots, train
+from course_utils import config, hardware, measure, plots, train
 from course_utils.widgets.base import Panel
 
 
 class SpeedupPanel(Panel):
     """Choose a model, a number of DDP workers and a global batch; Run trains a few steps with
     :func:`course_utils.train.run` (``--parallel ddp``, one thread per worker) and adds the
-    measured speedup over one worker (same model and batch, measured once and cached) to a
-    speedup and efficiency plot beside the ideal line.
+    measured speedup over one worker (same model and batch) to a speedup and efficiency plot
+    beside the ideal line. Each point is the median of ``repeats`` rounds, each round one worker
+    then N workers (so that a burst of load elsewhere hits both): a min-max bar, and a hollow
+    marker when the rounds disagree by more than 20%. The first round's point is drawn at once.
 
     Every point runs on the same kind of worker: GPUs (NCCL) only when there is one for each
     worker of the largest world size offered, CPU processes (gloo) otherwise. (The launcher's
@@ -30,11 +32,13 @@ class SpeedupPanel(Panel):
         threads: int = 1,
         train: Callable[..., dict] | None = None,
         device: str = "auto",
+        repeats: int = 3,
     ):
         self.num_steps, self.threads = num_steps, threads  # threads per worker, baseline too
+        self.repeats = repeats  # rounds per point: a median, and a min-max bar
         self.device = hardware.device_kind(device, max(world_sizes))
         self.train = train or self._train  # RunConfig -> the results dict of the CLI contract
-        self.baselines: dict[tuple, float] = {}  # (model, batch_size) -> samples/s of 1 worker
+        self.baselines: dict[tuple, list] = {}  # (model, batch_size) -> 1 worker's samples/s
         controls = {
             "model": widgets.Dropdown(options=list(models), description="model"),
             "nproc": widgets.Dropdown(
@@ -75,19 +79,29 @@ class SpeedupPanel(Panel):
         return None
 
     def compute(self, model: str, nproc: int, batch_size: int) -> dict:
-        key = (model, batch_size)
-        if key not in self.baselines:  # one worker, measured once: every speedup's reference
-            self.baselines[key] = self.train(self._config(model, 1, batch_size))["samples_per_s"]
-        if nproc == 1:
-            samples_per_s = self.baselines[key]
-        else:
-            samples_per_s = self.train(self._config(model, nproc, batch_size))["samples_per_s"]
-        speedup = samples_per_s / self.baselines[key]
+        baseline = self.baselines.setdefault((model, batch_size), [])  # every round's 1 worker
+        rates, speedups = [], []
+        for round_ in range(self.repeats):
+            one = self.train(self._config(model, 1, batch_size))["samples_per_s"]
+            baseline.append(one)
+            if nproc == 1:
+                rate = one
+            else:
+                rate = self.train(self._config(model, nproc, batch_size))["samples_per_s"]
+            rates.append(rate)
+            speedups.append(rate / one)  # paired: the same round, the same load elsewhere
+            point = self._point(model, nproc, batch_size, rates, speedups, baseline)
+            if round_ + 1 < self.repeats:
+                self.progress(point, f"round {round_ + 1} of {self.repeats} measured...")
+        return point
+
+    def _point(self, model, nproc, batch_size, rates, speedups, baseline) -> dict:
+        speedup = measure.spread(speedups)
         return {
-            "samples_per_s": samples_per_s,
-            "baseline_samples_per_s": self.baselines[key],
-            "speedup": speedup,
-            "efficiency": speedup / nproc,
+            "samples_per_s": measure.spread(rates).median,
+            "baseline_samples_per_s": measure.spread(baseline).median,
+            **speedup.as_dict("speedup"),
+            "efficiency": speedup.median / nproc,
             "oversubscribed": nproc > self._devices(),
             "label": f"{model}, batch {batch_size}",
         }

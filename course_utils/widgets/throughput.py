@@ -9,11 +9,13 @@ import torch
 import torch.nn as nn
 
 from course_utils import hardware, loop, plots
+from course_utils.measure import spread
 from course_utils.widgets.base import Panel
 
 
 class ThroughputPanel(Panel):
-    """Training samples/s of a model at a chosen batch size and torch thread count."""
+    """Training samples/s of a model at a chosen batch size and torch thread count: the median of
+    ``repeats`` measurements, with their min-max bar (hollow when they disagree by over 20%)."""
 
     button_label = "Measure"
 
@@ -25,9 +27,10 @@ class ThroughputPanel(Panel):
         batch_sizes: Sequence[int] = (16, 32, 64, 128, 256),
         num_steps: int = 10,
         measure: Callable[..., float] = loop.measure_throughput,
+        repeats: int = 3,
     ):
         self.model, self.X, self.y = model, X, y
-        self.num_steps = num_steps
+        self.num_steps, self.repeats = num_steps, repeats
         self.measure = measure  # (model, X, y, batch_size, threads, num_steps) -> samples/s
         cores = hardware.num_cores()
         controls = {
@@ -41,10 +44,13 @@ class ThroughputPanel(Panel):
         super().__init__(controls, title=f"Training throughput ({cores} cores on this machine)")
 
     def compute(self, batch_size: int, threads: int) -> dict:
-        samples_per_s = self.measure(
-            self.model, self.X, self.y, batch_size, threads=threads, num_steps=self.num_steps
-        )
-        return {"samples_per_s": float(samples_per_s)}
+        rates = [
+            self.measure(
+                self.model, self.X, self.y, batch_size, threads=threads, num_steps=self.num_steps
+            )
+            for _ in range(self.repeats)
+        ]
+        return spread(rates).as_dict("samples_per_s")
 
     def draw(self, results: list[dict]):
         return plots.measurements(

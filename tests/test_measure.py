@@ -1,0 +1,61 @@
+"""Measuring on a busy machine: spreads of repeats, turns, and a watch on the other programs."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from course_utils import measure
+
+
+def test_a_spread_is_a_median_with_its_range_and_knows_when_it_is_noisy():
+    s = measure.spread([10.0, 12.0, 11.0])
+    assert (s.median, s.low, s.high, s.noisy) == (11.0, 10.0, 12.0, False)
+    assert measure.spread([10.0, 13.0, 11.0]).noisy  # 30% apart
+    assert not measure.spread([5.0]).noisy and str(measure.spread([5.0])) == "5"
+    assert s.as_dict("speedup") == {
+        "speedup": 11.0,
+        "speedup_min": 10.0,
+        "speedup_max": 12.0,
+        "speedup_noisy": False,
+    }
+    with pytest.raises(ValueError):
+        measure.spread([])
+
+
+def test_interleaved_takes_turns_and_ratios_pair_the_rounds():
+    order = []
+
+    def recorder(name, values):
+        it = iter(values)
+        return lambda: order.append(name) or next(it)
+
+    spreads = measure.interleaved(
+        {"a": recorder("a", [2.0, 4.0, 6.0]), "b": recorder("b", [1.0, 2.0, 2.0])}, repeats=3
+    )
+    assert order == ["a", "b"] * 3  # A B, A B, A B: a burst of load hits both alike
+    assert spreads["a"].samples == (2.0, 4.0, 6.0)
+    assert measure.ratios(spreads["a"], spreads["b"]).samples == (2.0, 2.0, 3.0)
+
+
+def spin(seconds):
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_the_watch_sees_other_programs_and_not_this_one():
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        with measure.Watch() as watch:
+            time.sleep(1.0)  # this process idles; another one spins
+    finally:
+        busy.kill()
+        busy.wait()
+    assert watch.others > 0.6 and not watch.quiet and "busy" in watch.note()
+    with measure.Watch() as own:
+        spin(1.0)  # this process spins: not "other programs"
+    assert own.others < watch.others - 0.4
+    assert watch.cores >= 1 and watch.seconds == pytest.approx(1.0, abs=0.5)
