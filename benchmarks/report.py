@@ -88,6 +88,17 @@ def collectives_rows(d: dict) -> list[str]:
     ]
 
 
+def widget_rows(d: dict) -> list[str]:
+    cells = "; ".join(
+        f"{r['panel']}: status {r['status_s']['median'] * 1e3:.0f} ms, first point "
+        f"{r['first_point_s']['median']:.2f} s (all rounds {r['done_s']['median']:.2f} s)"
+        for r in d["rows"]
+    )
+    return [
+        f"| lesson panels, time from a click (median of {d['repeats']}, `bench_widgets.py`) | {cells} |"
+    ]
+
+
 def _speedup_figure(xs, series: dict, reference, reference_label: str, xlabel: str, title: str):
     """Speedup lines against a log-scaled size, each measured size labelled, and a dashed ideal."""
     fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -159,6 +170,7 @@ def main() -> None:
         "ddp": (ddp_rows, figure_ddp),
         "pipeline": (pipeline_rows, figure_pipeline),
         "collectives": (collectives_rows, figure_collectives),
+        "widgets": (widget_rows, None),
     }
     for name, (table, figure) in sources.items():
         d = _load(name)

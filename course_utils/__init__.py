@@ -34,6 +34,7 @@ _LAZY = {
     "pipeline",
     "scaling",
     "faq",
+    "interpret",
 }
 
 # The one setting read from the environment: CI sets COURSE_FAST=1 so that every notebook runs

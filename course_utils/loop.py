@@ -221,3 +221,48 @@ def _cycle(X: torch.Tensor, y: torch.Tensor, batch_size: int):
 def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     """The course's optimizer everywhere: SGD with momentum 0.9 (the article used plain SGD)."""
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+
+
+# Large-batch training (lesson 05): the linear scaling rule with gradual warmup, a schedule
+# applied through a step_fn, and the time a run took to reach an accuracy.
+
+
+def scaled_lr(base_lr: float, batch_size: int, base_batch_size: int) -> float:
+    """The linear scaling rule (Goyal et al. 2017, "Accurate, Large Minibatch SGD",
+    arXiv:1706.02677): a batch ``k`` times bigger gets a learning rate ``k`` times bigger."""
+    if batch_size < 1 or base_batch_size < 1:
+        raise ValueError(f"batch sizes must be at least 1, got {batch_size} and {base_batch_size}")
+    return base_lr * batch_size / base_batch_size
+
+
+def warmup_lr(step: int, lr: float, warmup_steps: int, start_lr: float) -> float:
+    """The learning rate of ``step`` (counted from 0) under gradual warmup: ``start_lr`` at step
+    0, rising by the same amount each step to ``lr`` at step ``warmup_steps``, then ``lr``."""
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return lr
+    return start_lr + (lr - start_lr) * step / warmup_steps
+
+
+def scheduled(step_fn: Callable, schedule: Callable[[int], float], first_step: int = 0) -> Callable:
+    """``step_fn`` with a learning-rate schedule, a drop-in ``step_fn`` for :func:`fit`: before
+    each step every parameter group of the optimizer gets ``schedule(step)``, with steps counted
+    from ``first_step`` (a resumed run continues its schedule)."""
+    step = first_step
+
+    def step_with_schedule(model, optimizer, X, y):
+        nonlocal step
+        for group in optimizer.param_groups:
+            group["lr"] = schedule(step)
+        step += 1
+        return step_fn(model, optimizer, X, y)
+
+    return step_with_schedule
+
+
+def time_to_target(curve: Iterable[tuple[float, float]], target: float) -> float | None:
+    """The first time of ``curve`` (``(seconds, accuracy)`` pairs, in order) at which the accuracy
+    reached ``target``; None if it never did."""
+    for seconds, accuracy in curve:
+        if accuracy >= target:
+            return seconds
+    return None

@@ -112,7 +112,9 @@ class Watch:
 
     def __init__(self):
         self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-        self.others: float | None = None
+        self.others: float | None = None  # cores other programs kept busy, on average
+        self.total: float | None = None  # cores busy in all, this process and its workers too
+        self.own: float | None = None  # cores this process and the workers it waited for used
         self.seconds = 0.0
 
     def __enter__(self) -> Watch:
@@ -130,6 +132,7 @@ class Watch:
         hz = os.sysconf("SC_CLK_TCK")
         all_busy = (busy1[0] - busy0[0]) / hz
         own = sum(own1[:4]) - sum(own0[:4])  # user + system, of this process and its children
+        self.total, self.own = all_busy / self.seconds, own / self.seconds
         self.others = max(0.0, all_busy - own) / self.seconds
 
     @property

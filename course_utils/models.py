@@ -1,11 +1,17 @@
 """The article's CNN and RNN, corrected, and an RNN written straight from its formula.
 
-The source article's code had three bugs, fixed here and pointed out in lessons 01 and 02:
+The source article's code had three bugs, fixed here. The course numbers them once, and lessons 01
+(bugs 1 and 2, the CNN) and 02 (bug 3, the RNN) use the same numbers:
+
 1. it calls ``F.relu`` without ``import torch.nn.functional as F`` (a NameError on first use);
 2. it applies ReLU to the CNN's output layer: logits must be free to be negative, and a ReLU there
    zeroes every negative score (and its gradient), so some classes can stop learning;
-3. it builds the RNN's initial state as ``(hidden_size, batch)``; ``nn.RNN`` wants
-   ``(num_layers, batch, hidden_size)``. (It also sets ``input_size=10``: an MNIST row has 28.)
+3. its RNN cannot run: (a) it builds the initial state as ``(hidden_size, batch)``, where
+   ``nn.RNN`` wants ``(num_layers, batch, hidden_size)``; (b) it sets ``input_size=10``, where an
+   MNIST row has 28 pixels.
+
+The CNN's ``x.view(-1, 64 * 7 * 7)`` is not counted as a bug (it is right for 28x28 images), but it
+turns a wrongly sized input into a wrong batch size without an error; ``flatten(1)`` fails loudly.
 """
 
 from __future__ import annotations

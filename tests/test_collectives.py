@@ -118,3 +118,96 @@ def test_bandwidth_probe_returns_the_same_rows_on_every_rank():
         assert 0 < row["seconds"] < 10
     with pytest.raises(launch.WorkerError, match="unknown op"):
         launch.run(collectives.bandwidth_probe, 2, sizes, 1, "broadcast", timeout=30)
+
+
+# --- lesson 04's figures: the spread of the repeats is drawn, nothing is hidden ------------------
+
+
+def _errorbar_spans(ax):
+    """(low, high) of every vertical error bar drawn on ``ax``."""
+    spans = []
+    for collection in ax.collections:
+        for segment in getattr(collection, "get_segments", lambda: [])():
+            (x0, y0), (x1, y1) = segment[0], segment[-1]
+            if x0 == x1:
+                spans.append((min(y0, y1), max(y0, y1)))
+    return spans
+
+
+def test_bandwidth_draws_each_sizes_spread_and_marks_noisy_points():
+    import matplotlib.pyplot as plt
+
+    from course_utils import measure, plots
+
+    sizes = [1024, 4096, 16384]
+    quiet = [measure.spread([1e-4, 1.05e-4, 1.1e-4])] * 3
+    noisy = [measure.spread([1e-4, 2e-4, 5e-3])] * 3  # a repeat delayed by a time slice
+    model = collectives.fit_alpha_beta(sizes, [1e-4, 1.1e-4, 1.3e-4], 2)
+    fig = plots.bandwidth(sizes, {"gloo": quiet, "ring": noisy}, model=model)
+    ax = fig.axes[0]
+    spans = _errorbar_spans(ax)
+    assert (pytest.approx(0.1), pytest.approx(5.0)) in spans  # ms: fastest to slowest repeat
+    labels = ax.get_legend().get_texts()
+    assert any("noisy" in t.get_text() for t in labels)
+    assert any("alpha-beta model" in t.get_text() for t in labels)
+    # the two series are side by side at each size, not on top of each other
+    series = {line.get_label(): line.get_xdata()[0] for line in ax.lines}
+    x_gloo, x_ring = series["gloo"], series["ring"]
+    assert x_gloo < 1024 < x_ring
+    # rates: the fastest repeat is the highest rate
+    fig = plots.bandwidth(sizes, {"ring": noisy}, rate=True)
+    spans = _errorbar_spans(fig.axes[0])
+    assert (pytest.approx(1024 / 5e-3 / 1e9), pytest.approx(1024 / 1e-4 / 1e9)) in spans
+    # plain numbers (one measurement per size) still work, without bars or a noisy entry
+    fig = plots.bandwidth(sizes, [1e-4, 1.1e-4, 1.3e-4])
+    assert _errorbar_spans(fig.axes[0]) == []
+    assert not any("noisy" in t.get_text() for t in fig.axes[0].get_legend().get_texts())
+    plt.close("all")
+
+
+def test_step_costs_keeps_small_bars_visible_and_hatches_noisy_ones():
+    import matplotlib.pyplot as plt
+
+    from course_utils import measure, plots
+
+    fig = plots.step_costs(
+        ["CNN", "RNN"],
+        {
+            "compute": [
+                measure.spread([0.030, 0.031, 0.032]),
+                measure.spread([0.002, 0.003, 0.006]),
+            ],
+            "bucket": [2e-4, [1.5e-4, 1.6e-4, 1.7e-4]],
+        },
+        model={"bucket": [2.1e-4, 1.4e-4]},
+    )
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log"  # a 0.2 ms bar next to a 30 ms one
+    bars = [p for p in ax.patches if p.get_height() > 0]
+    assert sorted(round(b.get_height(), 3) for b in bars) == [0.16, 0.2, 0.003 * 1e3, 31.0]
+    hatched = [round(b.get_height(), 3) for b in bars if b.get_hatch()]
+    assert hatched == [3.0]  # the RNN's compute: repeats 3x apart
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert {"compute", "bucket", "alpha-beta model's prediction"} <= set(texts)
+    assert "noisy: repeats > 20% apart" in texts
+    fig.canvas.draw()  # the legend sits outside the axes: it must still fit in the figure
+    legend = ax.get_legend().get_window_extent()
+    assert legend.x1 <= fig.bbox.x1 + 1
+    plt.close("all")
+
+
+def test_ring_scaling_splits_the_model_and_marks_the_crossing():
+    import matplotlib.pyplot as plt
+
+    from course_utils import plots
+
+    model = collectives.AlphaBeta(alpha_s=1e-5, beta_bytes_per_s=1e9, world_size=2)
+    nbytes = 1.6e5  # latency = bandwidth at N = bytes / (alpha beta) = 16
+    fig = plots.ring_scaling([2, 4, 8, 16, 32, 64], nbytes, model)
+    ax = fig.axes[0]
+    total, latency, transfer = (line.get_ydata() for line in ax.lines[:3])
+    np.testing.assert_allclose(total, latency + transfer)
+    np.testing.assert_allclose(latency[0], 1e3 * 2 * 1e-5)  # ms, 2 ranks: 2 messages
+    crossing = [line for line in ax.lines if line.get_linestyle() == ":"]
+    assert len(crossing) == 1 and crossing[0].get_xdata()[0] == pytest.approx(16)
+    plt.close("all")

@@ -147,3 +147,70 @@ def test_sample_orders_and_ddp_timeline_draw_what_they_are_given():
     bars = [p for p in fig.axes[0].patches if p.get_height() == pytest.approx(0.6)]
     assert [round(b.get_x(), 6) for b in bars] == [1.0, 5.0]  # in ms, one bar per bucket
     plt.close(fig)
+
+
+def test_ddp_timeline_labels_never_overlap_and_stay_inside_the_axes():
+    # Gradients ready close together (a weight and its bias, layers in quick succession) and a
+    # bucket holding many tensors: the case whose labels used to pile up on each other.
+    names = ["fc.bias", "fc.weight", "conv2.weight", "conv2.bias", "conv1.weight", "conv1.bias"]
+    events = [
+        {"kind": "grad", "name": n, "start": 0.001 + i * 1e-5, "end": 0}
+        for i, n in enumerate(names)
+    ]
+    events += [
+        {"kind": "grad", "name": f"layer.{i}.weight", "start": 0.002 + i * 4e-4, "end": 0}
+        for i in range(8)
+    ]
+    events.append(
+        {"kind": "allreduce", "name": ", ".join(names) + " (326 KB)", "start": 0.004, "end": 0.0055}
+    )
+    fig = cu.plots.ddp_timeline(events, backward_s=0.005)
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            assert not a.overlaps(b), "two labels of the timeline overlap"
+    axes_box = ax.get_window_extent(renderer)
+    assert all(axes_box.x0 <= b.x0 and b.x1 <= axes_box.x1 + 1 for b in boxes)
+    every_name = " ".join(t.get_text() for t in ax.texts)
+    assert all(f"layer.{i}.weight" in every_name for i in range(8))  # each gradient labelled
+    plt.close(fig)
+
+
+def test_spread_bars_draw_medians_bars_noisy_hatches_and_missing_values():
+    quiet, noisy = cu.measure.spread([1.0, 1.1, 1.05]), cu.measure.spread([1.0, 2.0, 1.5])
+    fig = cu.plots.spread_bars(
+        ["a", "b"], {"one": [quiet, None], "two": [noisy, 3.0]}, "y", missing="never", fmt="{:.2f}"
+    )
+    ax = fig.axes[0]
+    heights = [round(p.get_height(), 6) for p in ax.patches]
+    assert heights == [1.05, 0.0, 1.5, 3.0]  # medians; no bar for the missing value
+    assert [p.get_hatch() for p in ax.patches][2] == "//"  # the noisy one
+    texts = [t.get_text() for t in ax.texts]
+    assert "never" in texts and {"1.05", "1.50", "3.00"} <= set(texts)
+    assert len(ax.collections) == 2  # one error bar per repeated value
+    plt.close(fig)
+
+
+def test_large_batch_plot_draws_a_line_per_recipe_and_marks_divergence():
+    runs = [
+        {"recipe": "fixed", "batch_size": b, "lr": 0.01, "accuracy": a, "steps": 4096 // b}
+        for b, a in ((32, 0.95), (128, 0.9), (512, 0.7))
+    ]
+    runs += [
+        {"recipe": "scaled", "batch_size": 128, "lr": 0.04, "accuracy": 0.94, "steps": 32},
+        {"recipe": "scaled", "batch_size": 512, "lr": 0.16, "accuracy": 0.1, "steps": 8,
+         "diverged": True},
+    ]  # fmt: skip
+    fig = cu.plots.large_batch(runs, reference=0.95)
+    acc_ax, lr_ax = fig.axes[:2]
+    lines = {line.get_label(): line for line in acc_ax.lines}
+    np.testing.assert_allclose(lines["fixed"].get_ydata(), [95, 90, 70])
+    np.testing.assert_allclose(lines["scaled"].get_xdata(), [128, 512])
+    assert "diverged" in lines and "the base batch's accuracy" in lines
+    crosses = [line for line in lr_ax.lines if line.get_marker() == "x"]
+    assert [float(c.get_ydata()[0]) for c in crosses] == [0.16]
+    assert [t.get_text() for t in acc_ax.get_xticklabels()][0] == "32\n128 steps"
+    plt.close(fig)

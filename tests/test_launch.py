@@ -84,7 +84,7 @@ def test_two_launches_at_once_do_not_collide():
 def test_more_workers_than_cores_warns_once(monkeypatch):
     monkeypatch.setattr(runner, "_warned", set())
     monkeypatch.setattr(hardware, "num_cores", lambda: 1)
-    with pytest.warns(UserWarning, match="oversubscribe"):
+    with pytest.warns(UserWarning, match="take turns on the cores"):
         launch.run(sum_of_ranks, 2, 0)
     import warnings
 

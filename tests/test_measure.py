@@ -45,17 +45,18 @@ def spin(seconds):
         pass
 
 
-def test_the_watch_sees_other_programs_and_not_this_one():
+def test_the_watch_counts_other_programs_and_not_this_one():
+    # Another program spins, and so does this one: the watch must count the first (about one
+    # core) and not this process's own core. (Robust to more load: the sum is capped by cores.)
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.3)
         with measure.Watch() as watch:
-            time.sleep(1.0)  # this process idles; another one spins
+            spin(1.0)
     finally:
         busy.kill()
         busy.wait()
-    assert watch.others > 0.6 and not watch.quiet and "busy" in watch.note()
-    with measure.Watch() as own:
-        spin(1.0)  # this process spins: not "other programs"
-    assert own.others < watch.others - 0.4
+    assert watch.others > 0.3 and not watch.quiet and "busy" in watch.note()
+    assert watch.own > 0.1  # it did spin...
+    assert watch.others == pytest.approx(watch.total - watch.own, abs=1e-9)  # ...and is not counted
     assert watch.cores >= 1 and watch.seconds == pytest.approx(1.0, abs=0.5)

@@ -212,6 +212,41 @@ def test_gantt_draws_one_bar_per_event():
     assert len(fig.axes[0].lines) == 2
 
 
+def test_gantt_rows_can_be_ranks():
+    # Interleaved 1F1B records the rank in `stage`: its rows are ranks holding several stages.
+    events = schedules.simulate("1f1b", 2, 4)
+
+    def labels(fig):
+        return [t.get_text() for t in fig.axes[0].get_yticklabels()]
+
+    assert labels(cu.plots.gantt(events, unit="slot")) == ["stage 0", "stage 1"]
+    assert labels(cu.plots.gantt(events, unit="slot", row_label="rank")) == ["rank 0", "rank 1"]
+
+
+def test_bubble_draws_repeats_as_error_bars_and_marks_noisy_points():
+    spread = cu.measure.spread
+    measured = {"p = 2": [spread([0.5, 0.52]), spread([0.3, 0.45]), None]}  # the second is noisy
+    fig = cu.plots.bubble([1, 2, 4], {"p = 2": [0.5, 0.33, 0.2]}, measured=measured)
+    ax = fig.axes[0]
+    assert len(ax.containers) == 1  # one error bar container, for the two measured points
+    labels = ax.get_legend_handles_labels()[1]
+    assert "p = 2: measured" in labels and any("noisy" in label for label in labels)
+
+
+def test_pipeline_speedups_shows_the_bound_and_every_bar():
+    # The bound m·p/(m+p-1) and the highest bar stay inside the axes (they were clipped once).
+    points = [
+        {"schedule": "1f1b", "microbatches": m, **cu.measure.spread(v).as_dict("speedup")}
+        for m, v in [(2, [1.2, 1.3]), (8, [1.1, 1.9]), (16, [1.0, 1.1])]
+    ]
+    fig = cu.plots.pipeline_speedups(points, 2, title="CNN, 2 stages")
+    ax = fig.axes[0]
+    assert ax.get_ylim()[1] >= max(schedules.speedup_bound(2, 16), 1.9)
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "bound m·p/(m+p-1)" in labels and any("noisy" in label for label in labels)
+    assert not cu.plots.pipeline_speedups([], 2).axes[0].axison  # nothing measured yet
+
+
 def test_pipeline_panel_simulates_on_change_and_runs_on_click():
     calls = []
 

@@ -129,7 +129,7 @@ def test_parallelism_diagrams_draw(kind):
 def test_scaling_figures():
     fig = cu.plots.scaling_laws(ps=(0.5, 0.9), max_workers=8, measured={"run": (2, 1.7)})
     amdahl_ax, gustafson_ax = fig.axes
-    line = next(line for line in amdahl_ax.lines if line.get_label() == "p = 0.9")
+    line = next(line for line in amdahl_ax.lines if line.get_label().split(" (")[0] == "p = 0.9")
     np.testing.assert_allclose(line.get_ydata(), scaling.amdahl(0.9, np.arange(1, 9)))
     line = next(line for line in gustafson_ax.lines if line.get_label() == "p = 0.5")
     np.testing.assert_allclose(line.get_ydata(), scaling.gustafson(0.5, np.arange(1, 9)))
@@ -146,3 +146,70 @@ def test_scaling_figures():
     assert all(f"thread {t}" in texts(shared) for t in range(3))  # one memory, three threads
     assert "process" not in texts(shared) and "all-reduce" in texts(messages)
     assert all(f"memory of\nprocess {w}" in texts(messages) for w in range(2))  # one each
+
+
+def _texts(ax):
+    return [t.get_text() for t in ax.texts]
+
+
+def test_a_ceiling_above_the_plot_is_named_not_lost():
+    # The lesson's figure: p = 0.99's ceiling (100x) lies above an axis that ends near 64 workers.
+    fig = cu.plots.scaling_laws(ps=(0.5, 0.75, 0.9, 0.95, 0.99), max_workers=64)
+    amdahl_ax = fig.axes[0]
+    top = amdahl_ax.get_ylim()[1]
+    assert top < 100
+    labels = [line.get_label() for line in amdahl_ax.lines]
+    assert "p = 0.99 (ceiling 100×, above the plot)" in labels
+    assert "p = 0.95" in labels  # its ceiling, 20x, is drawn: no note
+    assert _texts(amdahl_ax) == ["↑ ceiling 100×"]
+    ceilings = sorted(
+        line.get_ydata()[0] for line in amdahl_ax.lines if line.get_linestyle() == "--"
+    )
+    assert ceilings == pytest.approx([2, 4, 10, 20, 100])
+    legend = [t.get_text() for t in amdahl_ax.get_legend().get_texts()]
+    assert "ceiling 1/(1-p), dashed, in p's colour" in legend
+
+
+def test_the_panels_ceiling_is_drawn_or_named():
+    inside = cu.plots.scaling_law_curves(scaling.laws(0.9, 16))  # 10x, below 16
+    assert any(
+        line.get_label() == "Amdahl's ceiling 1/(1-p) = 10×" for line in inside.axes[0].lines
+    )
+    assert _texts(inside.axes[0]) == []
+    above = cu.plots.scaling_law_curves(scaling.laws(0.95, 16))  # 20x, above the axis top
+    assert above.axes[0].get_ylim()[1] < 20
+    assert any("(above the plot)" in line.get_label() for line in above.axes[0].lines)
+    assert _texts(above.axes[0]) == ["↑ ceiling 20×"]
+    ideal = cu.plots.scaling_law_curves(scaling.laws(1.0, 16))  # three lines in one: said so
+    assert any("coincide" in text for text in _texts(ideal.axes[0]))
+
+
+def test_measured_spreads_get_bars_and_noisy_marks():
+    quiet, noisy = cu.measure.spread([1.9, 2.0, 2.05]), cu.measure.spread([1.5, 2.2, 2.4])
+    fig = cu.plots.scaling_law_curves(
+        scaling.laws(0.9, 2), measured={"sweep": (2, quiet), "primes": (2, noisy)}
+    )
+    ax = fig.axes[0]
+    labels = [line.get_label() for line in ax.lines]
+    assert "sweep" in labels and "primes (noisy: repeats > 20% apart)" in labels
+    assert ax.get_ylim()[1] >= 2.4  # the highest repeat is inside the plot
+    assert len(ax.collections) == 2  # one min-max bar per point
+    fig = cu.plots.scaling_laws(ps=(0.9,), max_workers=8, measured={"sweep": (2, quiet)})
+    assert all(len(ax.collections) == 1 for ax in fig.axes)
+
+
+def test_speedup_bars_of_interleaved_repeats():
+    serial = cu.measure.spread([2.0, 2.2, 2.0])
+    parallel = cu.measure.spread([1.0, 1.0, 1.6])  # noisy: 60% apart
+    fig = cu.plots.speedup_bars(["serial", "parallel"], [serial, parallel])
+    ax = fig.axes[0]
+    assert _texts(ax) == ["2 s\n1.00×", "1 s\n2.00× (1.25-2.20)"]  # paired ratios' median, range
+    assert [bar.get_hatch() for bar in ax.patches[:2]] == [None, "//"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["noisy: repeats > 20% apart"]
+    assert ax.get_ylim()[1] > 1.6  # the error bar's top fits
+
+
+def test_memory_models_say_which_is_distributed():
+    shared, messages = cu.plots.memory_models().axes
+    assert "parallel, not distributed" in shared.get_title()
+    assert "parallel and distributed" in messages.get_title()

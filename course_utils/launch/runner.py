@@ -175,8 +175,8 @@ def run(
     if nproc > cores:
         _warn_once(
             "oversubscribe",
-            f"{nproc} workers on {cores} cores: they take turns on the cores, so timings "
-            "oversubscribe (results are still correct).",
+            f"{nproc} workers on {cores} cores: they take turns on the cores, so their timings "
+            "say little about speed (results are still correct).",
         )
     kind = hardware.device_kind(device, nproc)
     asked_for_threads = threads is not None

@@ -1,15 +1,19 @@
-"""Figures of lesson 04: collectives before/after, the ring's steps, bandwidth."""
+"""Figures of lesson 04: collectives before/after, the ring's steps, bandwidth with its spread,
+the cost of a step's communication, and the ring's cost against the number of ranks."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
+import matplotlib.ticker as mticker
 import numpy as np
 
+from course_utils import measure
 from course_utils.plots.core import _axes
+from course_utils.plots.measured import _spread_line
 
-__all__ = ["collective_diagram", "ring_steps", "bandwidth"]
+__all__ = ["collective_diagram", "ring_steps", "bandwidth", "step_costs", "ring_scaling"]
 
 
 def collective_diagram(before, after, title: str | None = None, ax=None):
@@ -109,16 +113,67 @@ def ring_steps(schedule: Sequence[dict], ncols: int | None = None):
     return fig
 
 
+def _as_spread(value) -> tuple[float, float, float, bool]:
+    """(median, low, high, noisy) of a number, a :class:`course_utils.measure.Spread`, or a
+    sequence of repeated measurements."""
+    if hasattr(value, "median"):
+        return value.median, value.low, value.high, value.noisy
+    if np.ndim(value) == 0:
+        v = float(value)
+        return v, v, v, False
+    s = measure.spread(value)
+    return s.median, s.low, s.high, s.noisy
+
+
+class _Plain(mticker.Formatter):
+    """Log-axis labels as plain numbers ("0.2", "6", "40") rather than 2 x 10^-1; minor ticks
+    get a label (2 and 5 only) when the axis spans under three decades."""
+
+    def __init__(self, minor: bool):
+        self.minor = minor
+
+    def __call__(self, x, pos=None):
+        if x <= 0:
+            return ""
+        if self.minor:
+            low, high = sorted(self.axis.get_view_interval())
+            digit = round(x / 10 ** np.floor(np.log10(x)))
+            if low <= 0 or np.log10(high / low) > 3 or digit not in (2, 5):
+                return ""
+        return f"{x:g}"
+
+
+def _plain_log_ticks(axis) -> None:
+    axis.set_major_formatter(_Plain(minor=False))
+    axis.set_minor_formatter(_Plain(minor=True))
+
+
 def bandwidth(sizes, seconds, model=None, ax=None, rate: bool = False, title: str | None = None):
     """All-reduce time against message size on log-log axes: measured points (one series, or a
-    dict ``{label: seconds}``) and, when given, a model's line (anything with ``predict(bytes)``,
-    e.g. a fitted ``cu.collectives.AlphaBeta``). With ``rate``, bytes per second instead of time."""
+    dict ``{label: values}``) and, when given, a model's line (anything with ``predict(bytes)``,
+    e.g. a fitted ``cu.collectives.AlphaBeta``). With ``rate``, bytes per second instead of time.
+
+    A value may be a number of seconds, a :class:`course_utils.measure.Spread` or the list of a
+    size's repeats: then the point is the median, with a bar from the fastest to the slowest
+    repeat, drawn hollow when they are more than 20% apart (noisy)."""
     fig, ax = _axes(ax)
     sizes = np.asarray(sizes, dtype=float)
     series = seconds if isinstance(seconds, dict) else {"measured": seconds}
-    for label, s in series.items():
-        s = np.asarray(s, dtype=float)
-        ax.plot(sizes, sizes / s / 1e9 if rate else s * 1e3, "o", label=label)
+    any_noisy = False
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    dodge = 2.0 ** (0.12 * (np.arange(len(series)) - (len(series) - 1) / 2))  # side by side
+    for k, (label, values) in enumerate(series.items()):
+        points = []
+        for size, value in zip(sizes, values):
+            median, low, high, noisy = _as_spread(value)
+            if rate:  # the fastest repeat is the highest rate
+                median, low, high = size / median / 1e9, size / high / 1e9, size / low / 1e9
+            else:
+                median, low, high = 1e3 * median, 1e3 * low, 1e3 * high
+            points.append((median, low, high, noisy))
+            any_noisy |= noisy
+        color = colors[k % len(colors)]
+        _spread_line(ax, sizes * dodge[k], points, label=label, ls="none", color=color)
     if model is not None:
         grid = np.geomspace(sizes.min(), sizes.max(), 200)
         t = np.asarray(model.predict(grid), dtype=float)
@@ -131,10 +186,98 @@ def bandwidth(sizes, seconds, model=None, ax=None, rate: bool = False, title: st
         ax.plot(grid, grid / t / 1e9 if rate else t * 1e3, "k-", alpha=0.7, label=label)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    _plain_log_ticks(ax.yaxis)
     ticks = [s for s in sizes if np.log2(s) % 2 == 0] or list(sizes)
     ax.set_xticks(ticks, [_bytes_label(s) for s in ticks])
+    ax.set_xticks([], minor=True)
     ylabel = "size / time, GB/s" if rate else "time per all-reduce, ms"
     ax.set(xlabel="tensor size", ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3, which="both")
+    handles, labels = ax.get_legend_handles_labels()
+    if any_noisy:
+        handles.append(plt.Line2D([], [], marker="o", mfc="white", mec="gray", ls="none", ms=9))
+        labels.append("noisy: repeats > 20% apart")
+    # below the axes, where it hides no point
+    ax.legend(handles, labels, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def step_costs(
+    labels: Sequence[str],
+    measured: dict[str, Sequence],
+    model: dict[str, Sequence[float]] | None = None,
+    ylabel: str = "ms per step",
+    title: str | None = None,
+    ax=None,
+):
+    """Grouped bars of times on a log scale (so that a 0.2 ms all-reduce stays visible next to a
+    30 ms step): one group per label, one bar per series of ``measured`` (seconds: numbers,
+    :class:`course_utils.measure.Spread` s or lists of repeats), the bar at the median with a
+    fastest-slowest error bar, hatched when the repeats are more than 20% apart. ``model``:
+    predicted seconds for some of the series, drawn as a black diamond on their bars."""
+    fig, ax = _axes(ax, figsize=(9, 4.2))
+    x = np.arange(len(labels))
+    width = 0.8 / max(len(measured), 1)
+    any_noisy, handles, names = False, [], []  # the legend's plain patches (a bar may be hatched)
+    for i, (name, values) in enumerate(measured.items()):
+        spreads = [_as_spread(v) for v in values]
+        ms = np.array([[1e3 * s[0], 1e3 * s[1], 1e3 * s[2]] for s in spreads])
+        noisy = [s[3] for s in spreads]
+        any_noisy |= any(noisy)
+        xs = x + (i - (len(measured) - 1) / 2) * width
+        bars = ax.bar(xs, ms[:, 0], width)
+        handles.append(plt.Rectangle((0, 0), 1, 1, facecolor=bars[0].get_facecolor()))
+        names.append(name)
+        for bar, loud in zip(bars, noisy):
+            if loud:
+                bar.set_hatch("//")
+                bar.set_edgecolor("white")
+        yerr = [ms[:, 0] - ms[:, 1], ms[:, 2] - ms[:, 0]]
+        ax.errorbar(xs, ms[:, 0], yerr=yerr, fmt="none", ecolor="black", capsize=3, lw=1)
+        if model and name in model:
+            ax.plot(xs, 1e3 * np.asarray(model[name], dtype=float), "kD", ms=6)
+    ax.set_yscale("log")
+    _plain_log_ticks(ax.yaxis)
+    ax.set_xticks(x, [str(label) for label in labels])
+    ax.set(ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3, axis="y", which="both")
+    if model:
+        handles.append(plt.Line2D([], [], marker="D", color="black", ls="none", ms=6))
+        names.append("alpha-beta model's prediction")
+    if any_noisy:
+        handles.append(plt.Rectangle((0, 0), 1, 1, facecolor="gray", hatch="//", edgecolor="white"))
+        names.append("noisy: repeats > 20% apart")
+    handles.append(plt.Line2D([], [], color="black", marker="_", ms=8, lw=1))
+    names.append("bar: fastest to slowest repeat")
+    ax.legend(handles, names, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    return fig
+
+
+def ring_scaling(
+    world_sizes: Sequence[int], nbytes: float, model, title: str | None = None, ax=None
+):
+    """The alpha-beta model's ring all-reduce of ``nbytes`` against the number of ranks, split
+    into its latency part, ``2(N-1) alpha``, and its bandwidth part, ``2(N-1)/N x bytes / beta``
+    (``model``: a fitted ``cu.collectives.AlphaBeta``); a dotted line marks where they cross."""
+    fig, ax = _axes(ax, figsize=(7, 4.2))
+    n = np.asarray(world_sizes, dtype=float)
+    latency = 2 * (n - 1) * model.alpha_s
+    transfer = 2 * (n - 1) / n * nbytes / model.beta_bytes_per_s
+    ax.plot(n, 1e3 * (latency + transfer), "o-", color="black", lw=2.5, label="total")
+    ax.plot(n, 1e3 * latency, "s--", color="tab:orange", label="latency part, 2(N-1) alpha")
+    ax.plot(n, 1e3 * transfer, "^--", color="tab:blue", label="bandwidth part, 2(N-1)/N S / beta")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    _plain_log_ticks(ax.yaxis)
+    ax.set_xticks(n, [f"{v:g}" for v in n])
+    ax.set_xticks([], minor=True)
+    if model.alpha_s > 0:  # latency = bandwidth at N = bytes / (alpha beta)
+        cross = nbytes / (model.alpha_s * model.beta_bytes_per_s)
+        if n.min() < cross < n.max():
+            ax.axvline(cross, color="gray", ls=":", label=f"the parts are equal at N = {cross:.3g}")
+    ax.set(xlabel="ranks N", ylabel="ms per all-reduce", title=title)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import FuncFormatter
 
 __all__ = [
     "curves",
@@ -23,6 +24,20 @@ def _axes(ax=None, figsize=(6, 4)):
     if ax is None:
         fig, ax = plt.subplots(figsize=figsize)
     return ax.figure, ax
+
+
+def _log_minor_labels(ax) -> FuncFormatter:
+    """Labels for the minor ticks of a log y axis: 2 and 5 of each decade (20, 50, 200, ...), and
+    also 3 and 4 when the axis spans little more than one decade, so that it keeps a scale."""
+
+    def label(value: float, _pos=None) -> str:
+        low, high = ax.get_ylim()
+        wanted = (2, 5) if high / max(low, 1e-300) > 20 else (2, 3, 4, 5)
+        mantissa = value / 10 ** np.floor(np.log10(value) + 1e-9)
+        near = round(mantissa)
+        return f"{value:g}" if near in wanted and abs(mantissa - near) < 1e-6 else ""
+
+    return FuncFormatter(label)
 
 
 def _smooth(values: Sequence[float], window: int) -> np.ndarray:
@@ -67,15 +82,39 @@ def stacked_bars(
     ylabel: str,
     title: str | None = None,
     ax=None,
+    totals: Sequence | None = None,
 ):
-    """Stacked bars, e.g. where a training step's time goes (forward, backward, optimizer)."""
+    """Stacked bars, e.g. where a training step's time goes (forward, backward, optimizer).
+
+    ``totals`` (optional, one per bar: :class:`course_utils.measure.Spread` s, or ``(low, high)``
+    pairs, in the units of ``parts``) draws a min-max bar on top of each stack: how far the
+    repeats of the whole bar were apart. The legend sits in headroom above the tallest bar, so it
+    never hides one."""
     fig, ax = _axes(ax)
     bottom = np.zeros(len(labels))
     for name, values in parts.items():
         ax.bar(labels, values, bottom=bottom, label=name)
         bottom += np.asarray(values, dtype=float)
+    top = float(bottom.max()) if len(bottom) else 0.0
+    if totals is not None:
+        ranges = [(t.low, t.high) if hasattr(t, "low") else tuple(t) for t in totals]
+        lows = [min(lo, b) for (lo, _), b in zip(ranges, bottom)]
+        highs = [max(hi, b) for (_, hi), b in zip(ranges, bottom)]
+        yerr = [bottom - np.asarray(lows), np.asarray(highs) - bottom]
+        ax.errorbar(
+            np.arange(len(labels)),
+            bottom,
+            yerr=yerr,
+            fmt="none",
+            ecolor="black",
+            capsize=4,
+            label="min-max of the repeats",
+        )
+        top = max(top, max(highs, default=0.0))
+    if top > 0:
+        ax.set_ylim(0, top * 1.3)  # headroom for the legend
     ax.set(ylabel=ylabel, title=title)
-    ax.legend()
+    ax.legend(loc="upper left", ncol=min(len(parts) + (totals is not None), 4), fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     return fig
@@ -120,7 +159,7 @@ def sequence_view(image, t: int = 14, label=None, axes=None):
 
 def step_time(
     xs: Sequence,
-    series: dict[str, Sequence[float]],
+    series: dict[str, Sequence],
     xlabel: str,
     title: str | None = None,
     proportional: bool = True,
@@ -129,23 +168,40 @@ def step_time(
     ax=None,
 ):
     """Milliseconds per step against a size (sequence length, batch), one line per series of
-    seconds; with ``proportional``, a dashed line through point ``anchor`` of the first series
-    shows what "time proportional to the size" would look like (lesson 02)."""
+    seconds (numbers, or :class:`course_utils.measure.Spread` s: the median is drawn, with a
+    min-max bar, and a noisy point hollow); with ``proportional``, a dashed line through point
+    ``anchor`` of the first series shows what "time proportional to the size" would look like
+    (lesson 02)."""
+    from course_utils.plots.measured import _noisy_legend, _spread_line  # measured imports core
+
     fig, ax = _axes(ax)
     xs = np.asarray(xs, dtype=float)
+
+    def ms(value):  # seconds -> milliseconds, for numbers and spreads alike
+        if hasattr(value, "median"):
+            return (1e3 * value.median, 1e3 * value.low, 1e3 * value.high, value.noisy)
+        return 1e3 * float(value)
+
+    any_noisy = False
     for label, seconds in series.items():
-        ax.plot(xs, 1e3 * np.asarray(seconds), marker="o", label=label)
+        _spread_line(ax, xs, [ms(s) for s in seconds], label=label)
+        any_noisy = any_noisy or any(getattr(s, "noisy", False) for s in seconds)
     if proportional and series:
-        anchor_ms = 1e3 * float(next(iter(series.values()))[anchor])
+        first = next(iter(series.values()))[anchor]
+        anchor_ms = 1e3 * float(getattr(first, "median", first))
         reference = anchor_ms * xs / xs[anchor]
         ax.plot(xs, reference, "k--", alpha=0.6, label=f"proportional to {xlabel}")
     if log:  # on log axes, label every measured size (on linear ones they would crowd)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        # plain numbers (2, 5, 10, 20, ...) instead of 2×10^0, and labels between the decades,
+        # so that a range of less than a decade still has a readable scale
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(_log_minor_labels(ax))
     ax.set(xlabel=xlabel, ylabel="ms per step", title=title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    _noisy_legend(ax, any_noisy)
     fig.tight_layout()
     return fig
 

@@ -167,12 +167,16 @@ def parallelism_overview(kinds: Sequence[str] = ("data", "task", "pipeline")):
 
 
 def memory_models(axes=None):
-    """Parallel vs distributed computing: threads sharing one memory, processes passing messages."""
+    """Parallel vs distributed computing: threads sharing one memory (parallel, not distributed),
+    processes passing messages (parallel and distributed), each panel's title saying which."""
     if axes is None:
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     fig = axes[0].figure
     ax = axes[0]
-    ax.set_title("shared memory: threads in one process, one machine", fontsize=10)
+    ax.set_title(
+        "shared memory: threads in one process, one machine\n(parallel, not distributed)",
+        fontsize=10,
+    )
     _box(
         ax,
         0.3,
@@ -195,7 +199,9 @@ def memory_models(axes=None):
         fontsize=8,
     )
     ax = axes[1]
-    ax.set_title("message passing: processes, one machine or many", fontsize=10)
+    ax.set_title(
+        "message passing: processes, one machine or many\n(parallel and distributed)", fontsize=10
+    )
     for w in range(2):
         x0 = 0.3 + 2.6 * w
         _box(ax, x0, 1.9, 1.8, 0.8, f"memory of\nprocess {w}", "#eeeeee", fontsize=8)

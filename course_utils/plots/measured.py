@@ -34,7 +34,7 @@ def _spread_line(ax, xs, values, label=None, **style):
         ax.errorbar(xs, medians, yerr=yerr, fmt="none", ecolor=line.get_color(), capsize=3)
     loud = [(x, m) for x, m, n in zip(xs, medians, noisy) if n]
     if loud:
-        ax.plot(*zip(*loud), "o", mfc="white", mec=line.get_color(), ms=9, mew=1.5)
+        ax.plot(*zip(*loud), "o", color=line.get_color(), mfc="white", ms=9, mew=1.5)
     return line
 
 

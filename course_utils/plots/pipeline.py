@@ -7,9 +7,9 @@ from collections.abc import Sequence
 import matplotlib.pyplot as plt
 
 from course_utils.plots.core import _axes
-from course_utils.plots.measured import measurements
+from course_utils.plots.measured import _noisy_legend, measurements
 
-__all__ = ["gantt", "bubble", "pipeline_panel"]
+__all__ = ["gantt", "bubble", "pipeline_speedups", "pipeline_panel"]
 
 
 def _field(event, name: str):
@@ -22,11 +22,13 @@ def gantt(
     unit: str = "ms",
     num_stages: int | None = None,
     ax=None,
+    row_label: str = "stage",
 ):
     """A pipeline timeline: one row per stage, a bar per forward (blue) and backward (orange) of
     each microbatch, its number inside; idle time is the white space (the bubble). ``events``:
     objects or dicts with stage, kind ("F"/"B"), microbatch, start, end (seconds, or slots with
-    ``unit="slot"``)."""
+    ``unit="slot"``). ``row_label`` names the rows: ``"stage"``, or ``"rank"`` where each row is a
+    worker holding several stages (interleaved 1F1B records the rank in ``stage``)."""
     fig, ax = _axes(ax, figsize=(9, 2.6))
     scale = {"ms": 1e3, "s": 1.0, "slot": 1.0}[unit]
     stages = [_field(e, "stage") for e in events]
@@ -49,12 +51,20 @@ def gantt(
                 fontsize=8,
                 color="white",
             )
-    ax.set_yticks(range(num_stages), [f"stage {s}" for s in range(num_stages)])
+    ax.set_yticks(range(num_stages), [f"{row_label} {s}" for s in range(num_stages)])
     ax.set_ylim(num_stages - 0.5, -0.5)  # stage 0 on top, as data flows downwards
     ax.set_xlim(0, end * 1.01)
     ax.set(xlabel="time slot" if unit == "slot" else f"time ({unit})", title=title)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
-    ax.legend(handles, ["forward", "backward"], loc="lower right", fontsize=8)
+    # beside the rows, not over them: a legend inside would hide bars
+    ax.legend(
+        handles,
+        ["forward", "backward"],
+        loc="upper left",
+        bbox_to_anchor=(1.005, 1.0),
+        borderaxespad=0,
+        fontsize=8,
+    )
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     return fig
@@ -70,8 +80,10 @@ def bubble(
 ):
     """Idle fraction against the number of microbatches: the formula as lines, the simulation as
     open circles, measurements as crosses; one colour per key (e.g. "p = 2") in all three.
-    A measured series may hold None where nothing was measured."""
-    fig, ax = _axes(ax)
+    A measured series may hold None where nothing was measured, and
+    :class:`course_utils.measure.Spread` s of repeats: a cross at the median, a min-max bar, and
+    a square around a noisy point (repeats more than 20% apart)."""
+    fig, ax = _axes(ax, figsize=(8, 4))  # the legend sits beside the axes
     for k, (label, values) in enumerate(formula.items()):
         color = f"C{k}"
         ax.plot(microbatches, values, color=color, label=f"{label}: (p-1)/(m+p-1)")
@@ -88,12 +100,72 @@ def bubble(
         if measured and label in measured:
             pts = [(m, v) for m, v in zip(microbatches, measured[label]) if v is not None]
             if pts:
-                ax.plot(*zip(*pts), "x", color=color, ms=9, mew=2, label=f"{label}: measured")
+                xs = [m for m, _ in pts]
+                mid = [float(getattr(v, "median", v)) for _, v in pts]
+                low = [float(getattr(v, "low", v)) for _, v in pts]
+                high = [float(getattr(v, "high", v)) for _, v in pts]
+                ax.plot(xs, mid, "x", color=color, ms=9, mew=2, label=f"{label}: measured")
+                if any(h > lo for lo, h in zip(low, high)):
+                    yerr = [[c - lo for c, lo in zip(mid, low)], [h - c for c, h in zip(mid, high)]]
+                    ax.errorbar(xs, mid, yerr=yerr, fmt="none", ecolor=color, capsize=3)
+                loud = [(x, c) for x, c, (_, v) in zip(xs, mid, pts) if getattr(v, "noisy", False)]
+                if loud:
+                    ax.plot(
+                        *zip(*loud),
+                        "s",
+                        mfc="none",
+                        color=color,
+                        ms=13,
+                        label=f"{label}: noisy (repeats > 20% apart)",
+                    )
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(microbatches), [str(m) for m in microbatches])
     ax.set(xlabel="microbatches m", ylabel="idle share of stage time", title=title, ylim=(0, 1))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    return fig
+
+
+def pipeline_speedups(
+    points: Sequence[dict],
+    num_stages: int,
+    title: str | None = None,
+    ylabel: str = "speedup over 1 process",
+    ax=None,
+):
+    """Measured speedups of a pipeline of ``num_stages`` stages against the number of
+    microbatches, one line per schedule (points as :func:`measurements` reads them: median, and
+    a min-max bar and a hollow noisy marker where ``speedup_min``/``_max``/``_noisy`` are given),
+    with the bound m·p/(m+p-1) as a dashed line and one process (1.0) as a dotted one. The y axis
+    reaches the bound and the highest bar, so neither is clipped."""
+    from course_utils.pipeline import schedules as sched
+
+    fig, ax = _axes(ax, figsize=(8, 4))  # the legend sits beside the axes
+    if not points:
+        ax.set_axis_off()
+        return fig
+    measurements(
+        points, x="microbatches", y="speedup", by="schedule", ax=ax, ylabel=ylabel, title=title
+    )
+    ms = sorted({r["microbatches"] for r in points})
+    bounds = [sched.speedup_bound(num_stages, k) for k in ms]
+    ax.plot(ms, bounds, "k--", marker="_", markersize=14, label="bound m·p/(m+p-1)")
+    ax.axhline(1.0, color="gray", lw=1, ls=":", label="one process")
+    top = max(bounds + [r.get("speedup_max", r["speedup"]) for r in points])
+    ax.set_ylim(0, 1.15 * top)
+    if len(ms) == 1:  # one point: give the x axis some room around it
+        ax.set_xlim(ms[0] / 2, ms[0] * 2)
+    _noisy_legend(ax, any(r.get("speedup_noisy") for r in points))
+    legend = ax.get_legend()  # moved beside the axes: inside, it can hide the bound's markers
+    ax.legend(
+        legend.legend_handles,
+        [t.get_text() for t in legend.get_texts()],
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        borderaxespad=0,
+        fontsize=8,
+    )
     fig.tight_layout()
     return fig
 
@@ -109,12 +181,13 @@ def pipeline_panel(
 ):
     """Lesson 06's panel: the simulated timeline of a setting (left), its measured one once Run
     (middle), and the measured speedups of every ``microbatches`` tried at this number of
-    ``stages`` (right), each schedule a line, with the bound m·p/(m+p-1) as a dashed line and a
-    marker at each measured m (visible even with one point)."""
+    ``stages`` (right, :func:`pipeline_speedups`): each schedule a line of medians with min-max
+    bars, the bound m·p/(m+p-1) as a dashed line with a marker at each measured m (visible even
+    with one point)."""
     from course_utils.pipeline import schedules as sched
 
     p, m = stages, microbatches
-    fig, axes = plt.subplots(1, 3, figsize=(16, 3.4), gridspec_kw={"width_ratios": [1.3, 1.3, 1]})
+    fig, axes = plt.subplots(1, 3, figsize=(17, 3.4), gridspec_kw={"width_ratios": [1.3, 1.3, 1]})
     gantt(
         simulated,
         num_stages=p,
@@ -131,24 +204,6 @@ def pipeline_panel(
     else:
         axes[1].text(0.5, 0.5, "press Run to measure this setting", ha="center", va="center")
         axes[1].set_axis_off()
-    if points:
-        measurements(
-            points,
-            x="microbatches",
-            y="speedup",
-            by="schedule",
-            ax=axes[2],
-            ylabel="speedup over 1 process",
-            title=f"p = {p}, measured",
-        )
-        ms = sorted({r["microbatches"] for r in points})
-        bounds = [sched.speedup_bound(p, k) for k in ms]
-        axes[2].plot(ms, bounds, "k--", marker="_", markersize=14, label="bound m·p/(m+p-1)")
-        axes[2].set_ylim(0, 1.15 * max(bounds + [r["speedup"] for r in points]))
-        if len(ms) == 1:  # one point: give the x axis some room around it
-            axes[2].set_xlim(ms[0] / 2, ms[0] * 2)
-        axes[2].legend(fontsize=8)
-    else:
-        axes[2].set_axis_off()
+    pipeline_speedups(points, p, title=f"p = {p}, measured", ax=axes[2])
     fig.tight_layout()
     return fig
