@@ -63,9 +63,14 @@ class Spread:
 
     def __str__(self) -> str:
         if len(self.samples) == 1:
-            return f"{self.median:.3g}"
+            return _number(self.median)
         flag = ", noisy" if self.noisy else ""
-        return f"{self.median:.3g} ({self.low:.3g}-{self.high:.3g}{flag})"
+        return f"{_number(self.median)} ({_number(self.low)}-{_number(self.high)}{flag})"
+
+
+def _number(x: float) -> str:
+    """Three significant digits, trailing zeros kept (1.00, 0.918, 12.5); 1,850 for large ones."""
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:#.3g}".rstrip(".")
 
 
 def spread(samples: Iterable[float]) -> Spread:

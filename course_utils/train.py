@@ -65,9 +65,10 @@ def role(cfg: RunConfig, me: launch.Worker) -> tuple[loop.Role, Callable[[], nn.
     return part, lambda: model
 
 
-def train_worker(cfg: RunConfig, progress: bool = False) -> dict | None:
+def train_worker(cfg: RunConfig, progress: bool = False, announce: bool = False) -> dict | None:
     """One worker's run (the only one with ``--parallel none``); the main rank returns the
-    results of the contract (less ``wall_s``), the other ranks None."""
+    results of the contract (less ``wall_s``), the other ranks None. ``announce``: say on stderr
+    when a checkpoint is saved (the command line does; a notebook's output stays quiet)."""
     me = launch.worker(cfg.device)
     torch.set_num_threads(cfg.threads_per_worker)
     part, trained = role(cfg, me)
@@ -90,7 +91,7 @@ def train_worker(cfg: RunConfig, progress: bool = False) -> dict | None:
         if cfg.checkpoint and (done == cfg.steps or (every and done % every == 0)):
             # every rank takes part (a pipeline's stages are gathered); the main rank writes
             path = checkpoint.save(cfg.checkpoint, part, done, before + run, cfg.record())
-            if path is not None:
+            if path is not None and announce:
                 print(f"checkpoint: step {done} saved to {path}", file=sys.stderr, flush=True)
 
     batches = data.batches(
@@ -133,7 +134,9 @@ def train_worker(cfg: RunConfig, progress: bool = False) -> dict | None:
     return result
 
 
-def run(cfg: RunConfig, progress: bool = True, timeout: float = 24 * 3600) -> dict:
+def run(
+    cfg: RunConfig, progress: bool = True, timeout: float = 24 * 3600, announce: bool = False
+) -> dict:
     """Validate and run one configuration; the notebooks' and tests' way in.
 
     ``--parallel none`` trains here (with ``cfg.threads_per_worker`` threads, restored after);
@@ -143,13 +146,14 @@ def run(cfg: RunConfig, progress: bool = True, timeout: float = 24 * 3600) -> di
     validate(cfg)
     if cfg.parallel == "none":
         with loop.num_threads(cfg.threads_per_worker):
-            result = train_worker(cfg, progress)
+            result = train_worker(cfg, progress, announce)
     else:
         per_rank = launch.run(
             train_worker,
             cfg.nproc,
             cfg,
             progress,
+            announce,
             threads=cfg.threads_per_worker,
             timeout=timeout,
             device=cfg.device,
@@ -177,7 +181,7 @@ def under_torchrun(cfg: RunConfig) -> int:
     try:
         validate(cfg, local_workers=int(os.environ.get("LOCAL_WORLD_SIZE", me.world_size)))
         with launch.process_group(cfg.device):
-            result = train_worker(cfg, progress=me.is_main and sys.stderr.isatty())
+            result = train_worker(cfg, me.is_main and sys.stderr.isatty(), announce=True)
         if me.is_main:
             result = _complete(cfg, result)
             result["wall_s"] = time.perf_counter() - start
@@ -245,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     if launch.launched():  # started by torchrun (RANK, WORLD_SIZE set): this process is a worker
         return under_torchrun(cfg)
     try:
-        result = run(cfg, progress=sys.stderr.isatty())
+        result = run(cfg, progress=sys.stderr.isatty(), announce=True)
     except UsageError as err:
         _error(err)
         return 2

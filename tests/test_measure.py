@@ -13,7 +13,9 @@ def test_a_spread_is_a_median_with_its_range_and_knows_when_it_is_noisy():
     s = measure.spread([10.0, 12.0, 11.0])
     assert (s.median, s.low, s.high, s.noisy) == (11.0, 10.0, 12.0, False)
     assert measure.spread([10.0, 13.0, 11.0]).noisy  # 30% apart
-    assert not measure.spread([5.0]).noisy and str(measure.spread([5.0])) == "5"
+    assert not measure.spread([5.0]).noisy and str(measure.spread([5.0])) == "5.00"
+    assert str(measure.spread([0.9, 1.0, 1.02])) == "1.00 (0.900-1.02)"
+    assert str(measure.spread([1200.0, 1900.0])) == "1,550 (1,200-1,900, noisy)"
     assert s.as_dict("speedup") == {
         "speedup": 11.0,
         "speedup_min": 10.0,
