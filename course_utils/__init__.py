@@ -35,6 +35,7 @@ _LAZY = {
     "scaling",
     "faq",
     "interpret",
+    "tensor_parallel",
 }
 
 # The one setting read from the environment: CI sets COURSE_FAST=1 so that every notebook runs

@@ -33,7 +33,7 @@ from course_utils.launch import processes
 LATEST, PREVIOUS = "latest.pt", "previous.pt"
 # Settings that change the numbers: a checkpoint resumes only under the same ones. (The number of
 # workers does not: the global batch is the same arithmetic, to float32 rounding.)
-ARITHMETIC = ("model", "parallel", "batch_size", "lr", "seed")
+ARITHMETIC = ("model", "parallel", "batch_size", "lr", "seed", "optimizer", "augment")
 
 
 class CheckpointError(ValueError):
@@ -65,7 +65,9 @@ def checksum(state: dict) -> str:
         elif torch.is_tensor(value):
             tensor = value.detach().cpu().contiguous()
             digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-            digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+            digest.update(
+                tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+            )
         else:
             digest.update(repr(value).encode())
 
@@ -73,14 +75,22 @@ def checksum(state: dict) -> str:
     return digest.hexdigest()
 
 
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy on the CPU; a DTensor (a tensor-parallel slice) is gathered whole first: a
+    collective, which every rank reaches in the same order (the parameters' order)."""
+    if hasattr(tensor, "full_tensor"):
+        tensor = tensor.full_tensor()
+    return tensor.detach().cpu().clone()
+
+
 def _pieces(part: loop.Role) -> tuple[list, list]:
     """This rank's weights and optimizer state as pieces of the whole model's tensors."""
     weights, optim = [], []
     for name, row, param in part.params:
-        weights.append((name, row, param.detach().cpu().clone()))
+        weights.append((name, row, _whole(param)))
         for key, value in part.optimizer.state.get(param, {}).items():
             sliced = torch.is_tensor(value) and value.shape == param.shape
-            value = value.detach().cpu().clone() if torch.is_tensor(value) else value
+            value = _whole(value) if torch.is_tensor(value) else value
             optim.append((name, row if sliced else None, key, value))
     return weights, optim
 
@@ -209,12 +219,29 @@ def load_into(part: loop.Role, state: dict) -> None:
     for name, row, param in part.params:
         rows = slice(row, row + param.shape[0]) if param.dim() else slice(None)
         with torch.no_grad():
-            param.copy_(state["model"][name][rows])
+            _local(param).copy_(_shard_like(state["model"][name][rows], param))
         saved = state["optimizer"].get(name, {})
         part.optimizer.state[param] = {
-            key: (value[rows].clone().to(param.device) if _sliced(value, param) else value)
+            key: (_shard_like(value[rows], param, keep=True) if _sliced(value, param) else value)
             for key, value in saved.items()
         }
+
+
+def _local(tensor):
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _shard_like(whole: torch.Tensor, param, keep: bool = False):
+    """``whole`` as ``param`` holds it: this rank's slice of a DTensor parameter (as a DTensor
+    when ``keep``, for optimizer state), or the tensor itself, on the parameter's device."""
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        mine = distribute_tensor(
+            whole.to(param.device), param.device_mesh, param.placements, src_data_rank=None
+        )
+        return mine if keep else mine.to_local()
+    return whole.clone().to(param.device)
 
 
 def _sliced(value, param) -> bool:

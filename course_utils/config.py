@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from course_utils import checkpoint, data, hardware, models
+from course_utils import checkpoint, data, hardware, loop, models, tensor_parallel
 from course_utils.launch.runner import MAX_WORKERS_PER_CORE
 from course_utils.pipeline import worker as pipeline_worker
 
@@ -27,12 +27,15 @@ MAX_SEED = 2**31 - 1  # seeds index torch generators (with room for the epoch nu
 class RunConfig:
     """One training run. Each field is a CLI flag (``batch_size`` → ``--batch-size``)."""
 
-    model: str = "cnn"  # which network: "cnn" or "rnn" (the article's, corrected)
-    parallel: str = "none"  # strategy: "none", "ddp" or "pipeline"
-    nproc: int = 1  # worker processes (data-parallel replicas or pipeline stages)
+    model: str = "cnn"  # which network: "cnn", "rnn" (the article's, corrected), "transformer"
+    parallel: str = "none"  # strategy: "none", "ddp", "tp" (tensor parallel) or "pipeline"
+    nproc: int = 1  # worker processes (replicas, tensor-parallel ranks or pipeline stages)
+    tp: int = 1  # with ddp: tensor-parallel ranks per replica (a 2-D mesh: nproc = dp x tp)
     batch_size: int = 64  # global batch, summed over all workers
     steps: int = 100  # optimizer steps
-    lr: float = 0.01  # SGD learning rate (momentum 0.9)
+    lr: float = 0.01  # learning rate
+    optimizer: str = "sgd"  # "sgd" (momentum 0.9) or "adamw" (weight decay 0.05)
+    augment: bool = False  # shift each image by up to 2 pixels (a function of seed and step)
     seed: int = 0  # seeds the weights and the order of the batches
     threads: int | None = None  # torch threads per worker; default cores // nproc, at least 1
     device: str = "auto"  # "cpu", "cuda", or "auto": a GPU per worker when there are enough
@@ -51,14 +54,15 @@ class RunConfig:
 
     def record(self) -> dict:
         """What a checkpoint remembers of the run (checked by :func:`checkpoint.check`)."""
-        kept = ("model", "parallel", "nproc", "batch_size", "steps", "lr", "seed")
-        kept += ("microbatches", "schedule")
+        kept = ("model", "parallel", "nproc", "tp", "batch_size", "steps", "lr", "seed")
+        kept += ("optimizer", "augment", "microbatches", "schedule")
         return {k: v for k, v in asdict(self).items() if k in kept}
 
 
 CHOICES = {
     "model": sorted(models.MODELS),
-    "parallel": ["none", "ddp", "pipeline"],
+    "parallel": ["none", "ddp", "tp", "pipeline"],
+    "optimizer": list(loop.OPTIMIZERS),
     "device": list(hardware.DEVICES),
     "schedule": ["gpipe", "1f1b", "interleaved1f1b"],
 }
@@ -104,6 +108,11 @@ def parse(argv: list[str] | None = None, world_size: int | None = None) -> RunCo
     for name in PIPELINE_ONLY:
         if name in given and cfg.parallel != "pipeline":
             raise UsageError(f"{flag(name)} is for --parallel pipeline; this run is {cfg.parallel}")
+    if "tp" in given and cfg.parallel != "ddp":
+        raise UsageError(
+            f"--tp is for --parallel ddp (a data x tensor parallel mesh); this run is "
+            f"{cfg.parallel} (--parallel tp splits every layer over all --nproc ranks)"
+        )
     if world_size is not None and "nproc" in given and cfg.nproc != world_size:
         raise UsageError(
             f"--nproc {cfg.nproc}, but torchrun started {world_size} workers: leave out --nproc "
@@ -144,17 +153,23 @@ def validate(cfg: RunConfig, local_workers: int | None = None) -> None:
             f"--parallel none runs one process; got --nproc {cfg.nproc} (use --parallel ddp)",
         ),
     ]
-    if cfg.parallel == "ddp" and cfg.nproc >= 1:
+    replicas = cfg.nproc // max(cfg.tp, 1) if cfg.parallel == "ddp" else 1
+    if cfg.parallel == "ddp" and cfg.nproc >= 1 and cfg.tp >= 1 and cfg.nproc % cfg.tp == 0:
         checks.append(
             (
-                cfg.batch_size % cfg.nproc == 0,
-                f"--batch-size {cfg.batch_size} does not divide among --nproc {cfg.nproc} "
-                f"workers (use a multiple of {cfg.nproc})",
+                cfg.batch_size % replicas == 0,
+                f"--batch-size {cfg.batch_size} does not divide among {replicas} data-parallel "
+                f"replicas (use a multiple of {replicas})",
             )
         )
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    if cfg.parallel == "tp" or cfg.tp != 1:
+        tp_size = cfg.nproc if cfg.parallel == "tp" else cfg.tp
+        error = tensor_parallel.config_error(cfg.model, tp_size, cfg.nproc)
+        if error:
+            raise UsageError(error)
     _check_device(cfg.device, cfg.nproc if local_workers is None else local_workers)
     if cfg.parallel == "pipeline":
         error = pipeline_worker.config_error(

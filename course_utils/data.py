@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SUBSET_PATH = PACKAGE_DIR / "datasets" / "mnist_5k.npz"
@@ -35,6 +36,8 @@ FULL_FILES = {
 }
 # The usual MNIST normalisation constants (mean and std of the training pixels in [0, 1]).
 MEAN, STD = 0.1307, 0.3081
+BACKGROUND = (0.0 - MEAN) / STD  # a blank pixel after normalisation
+SHIFT = 2  # augmentation: pixels an image may move, each way, along each axis
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -208,6 +211,26 @@ def shard(indices: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     return indices[rank * per_rank : (rank + 1) * per_rank]
 
 
+def shifted(X: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Each image of ``X`` ((N, 1, 28, 28), or (N, 28, 28) rows) moved by its ``(dy, dx)`` in
+    ``offsets`` (N, 2), at most :data:`SHIFT` pixels each way; the uncovered border is background."""
+    images = X if X.dim() == 4 else X.unsqueeze(1)  # (N, C, H, W)
+    N, _, H, W = images.shape
+    padded = F.pad(images, (SHIFT, SHIFT, SHIFT, SHIFT), value=BACKGROUND)  # (N, C, H+2S, W+2S)
+    rows = (SHIFT - offsets[:, 0])[:, None] + torch.arange(H)  # (N, H): source row of each row
+    cols = (SHIFT - offsets[:, 1])[:, None] + torch.arange(W)  # (N, W)
+    picked = padded[torch.arange(N)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    out = picked.permute(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
+    return out if X.dim() == 4 else out[:, 0]
+
+
+def random_offsets(batch_size: int, step: int, seed: int = 0) -> torch.Tensor:
+    """The shifts of the global batch at ``step``: (batch_size, 2) in -SHIFT..SHIFT, a function
+    of (seed, step) only, so every worker draws the same and takes its slice."""
+    g = torch.Generator().manual_seed(2**31 + seed * 65_537 + step)
+    return torch.randint(-SHIFT, SHIFT + 1, (batch_size, 2), generator=g)
+
+
 def batches(
     X: torch.Tensor,
     y: torch.Tensor,
@@ -217,10 +240,17 @@ def batches(
     rank: int = 0,
     world_size: int = 1,
     start_step: int = 0,
+    augment: bool = False,
 ):
     """Yield the batches ``(X, y)`` of steps ``start_step .. num_steps - 1``; with ``world_size > 1``,
     this rank's shard of each global batch, so that the ranks' shards together are one process's
-    batch. ``start_step`` lets a resumed run continue with exactly the batches it would have seen."""
+    batch. ``start_step`` lets a resumed run continue with exactly the batches it would have seen.
+    ``augment``: each image shifted by up to :data:`SHIFT` pixels, the shifts a function of (seed,
+    step) like the batch itself, so augmentation keeps N workers equal to one process."""
     for step in range(start_step, num_steps):
-        idx = shard(batch_indices(len(X), batch_size, step, seed), rank, world_size)
-        yield X[idx], y[idx]
+        idx = batch_indices(len(X), batch_size, step, seed)
+        mine = shard(torch.arange(batch_size), rank, world_size)  # positions in the global batch
+        X_b, y_b = X[idx[mine]], y[idx[mine]]
+        if augment:
+            X_b = shifted(X_b, random_offsets(batch_size, step, seed)[mine])
+        yield X_b, y_b

@@ -32,24 +32,32 @@ def wrap(model: nn.Module, device: torch.device) -> DistributedDataParallel:
     return DistributedDataParallel(model, device_ids=device_ids)
 
 
-def average_gradients(model: nn.Module) -> None:
-    """All-reduce every gradient and divide by the world size: the whole of data parallelism."""
-    world_size = dist.get_world_size()
+def average_gradients(model: nn.Module, group=None) -> None:
+    """All-reduce every gradient and divide by the world size: the whole of data parallelism.
+    ``group``: the data-parallel ranks (default: all); a gradient that is a DTensor (a tensor-
+    parallel slice) is averaged slice by slice."""
+    world_size = dist.get_world_size(group)
     for param in model.parameters():
         if param.grad is not None:
-            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
-            param.grad /= world_size
+            grad = param.grad.to_local() if hasattr(param.grad, "to_local") else param.grad
+            dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=group)  # in place (a view)
+            grad /= world_size
 
 
 def hand_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, X: torch.Tensor, y: torch.Tensor
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    group=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One data-parallel step written by hand; a drop-in ``step_fn`` for :func:`loop.fit`."""
+    """One data-parallel step written by hand; a drop-in ``step_fn`` for :func:`loop.fit`.
+    ``group``: the data-parallel ranks (default: all of them)."""
     optimizer.zero_grad(set_to_none=True)
     logits = model(X)  # (B / world_size, num_classes): this rank's shard only
     loss = F.cross_entropy(logits, y)  # mean over the shard
     loss.backward()
-    average_gradients(model)  # mean of shard means = mean over the global batch (equal shards)
+    average_gradients(model, group)  # mean of shard means = mean over the global batch
     optimizer.step()
     return loss.detach(), (logits.argmax(dim=1) == y).sum()
 

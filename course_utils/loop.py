@@ -218,9 +218,17 @@ def _cycle(X: torch.Tensor, y: torch.Tensor, batch_size: int):
             yield X[i : i + batch_size], y[i : i + batch_size]
 
 
-def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    """The course's optimizer everywhere: SGD with momentum 0.9 (the article used plain SGD)."""
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+OPTIMIZERS = ("sgd", "adamw")  # the choices of --optimizer
+
+
+def make_optimizer(model: nn.Module, lr: float, kind: str = "sgd") -> torch.optim.Optimizer:
+    """The course's optimizers: SGD with momentum 0.9 everywhere by default (the article used
+    plain SGD), or AdamW (weight decay 0.05), which transformers train better with."""
+    if kind == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    if kind == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {kind!r}")
 
 
 # Large-batch training (lesson 05): the linear scaling rule with gradual warmup, a schedule

@@ -1,4 +1,6 @@
-"""The article's CNN and RNN, corrected, and an RNN written straight from its formula.
+"""The article's CNN and RNN, corrected, an RNN written straight from its formula, and a small
+transformer (lessons 06-08: many identical blocks, the model that pipeline and tensor parallelism
+are made for).
 
 The source article's code had three bugs, fixed here. The course numbers them once, and lessons 01
 (bugs 1 and 2, the CNN) and 02 (bug 3, the RNN) use the same numbers:
@@ -84,20 +86,98 @@ class FormulaRNN(nn.Module):
         return torch.stack(outputs, dim=1), h.unsqueeze(0)
 
 
-MODELS = {"cnn": CNN, "rnn": RNN}
+class Attention(nn.Module):
+    """Multi-head self-attention with separate query, key, value and output projections, so that
+    tensor parallelism can split it by heads (lesson 08): each rank computes some heads. The
+    number of heads is read from the projections' width, so the same code runs whole or split."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} does not divide into {heads} heads")
+        self.head_dim = dim // heads
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape  # (B, T, dim)
+        q, k, v = (
+            f(x).view(B, T, -1, self.head_dim).transpose(1, 2) for f in (self.q, self.k, self.v)
+        )
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, head_dim)
+        return self.out(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, dim)
 
 
-def build(name: str, seed: int | None = None) -> nn.Module:
-    """A fresh model by name (``"cnn"`` or ``"rnn"``), its weights drawn from ``seed`` when given."""
+class MLP(nn.Module):
+    """The block's feed-forward part: dim -> hidden -> dim, GELU between."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))  # (B, T, hidden) in between
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, dim: int, heads: int, hidden: int):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
+        self.norm2, self.mlp = nn.LayerNorm(dim), MLP(dim, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    """A small vision transformer for MNIST: 7x7 patches as 16 tokens, a learned position per
+    token, ``depth`` pre-norm blocks, the tokens' mean, a linear head (Dosovitskiy et al. 2020,
+    "An Image is Worth 16x16 Words", arXiv:2010.11929, at the size of a laptop)."""
+
+    def __init__(
+        self, dim: int = 64, heads: int = 4, hidden: int = 256, depth: int = 4, patch: int = 7
+    ):
+        super().__init__()
+        if 28 % patch:
+            raise ValueError(f"patch {patch} does not tile a 28x28 image")
+        self.patch, self.dim, self.heads = patch, dim, heads
+        tokens = (28 // patch) ** 2
+        self.embed = nn.Linear(patch * patch, dim)
+        self.pos = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
+        self.blocks = nn.ModuleList(Block(dim, heads, hidden) for _ in range(depth))
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 10)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 1, 28, 28) -> embedded patches with their positions (B, T, dim)."""
+        p = self.patch
+        patches = x.unfold(2, p, p).unfold(3, p, p).reshape(x.shape[0], -1, p * p)  # (B, T, p*p)
+        return self.embed(patches) + self.pos
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.tokens(x)  # (B, T, dim)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h).mean(dim=1))  # (B, 10)
+
+
+MODELS = {"cnn": CNN, "rnn": RNN, "transformer": Transformer}
+
+
+def build(name: str, seed: int | None = None, **sizes) -> nn.Module:
+    """A fresh model by name (``"cnn"``, ``"rnn"`` or ``"transformer"``), its weights drawn from
+    ``seed`` when given; ``sizes`` go to its constructor (e.g. the transformer's ``dim``)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}: choose from {sorted(MODELS)}")
     if seed is not None:
         torch.manual_seed(seed)
-    return MODELS[name]()
+    return MODELS[name](**sizes)
 
 
 def prepare_input(name: str, X: torch.Tensor) -> torch.Tensor:
-    """Images as the model wants them: (N, 1, 28, 28) for the CNN, (N, 28, 28) rows for the RNN."""
+    """Images as the model wants them: (N, 28, 28) rows for the RNN, (N, 1, 28, 28) otherwise."""
     return as_sequence(X) if name == "rnn" else X
 
 

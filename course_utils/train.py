@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from course_utils import checkpoint, collectives, data, ddp, launch, loop, models
+from course_utils import checkpoint, collectives, data, ddp, launch, loop, models, tensor_parallel
 from course_utils.config import RunConfig, UsageError, parse, validate
 from course_utils.pipeline import worker as pipeline_worker
 
@@ -46,8 +46,12 @@ def role(cfg: RunConfig, me: launch.Worker) -> tuple[loop.Role, Callable[[], nn.
             return model
 
         return part, trained
+    if (
+        cfg.parallel == "tp" or cfg.tp > 1
+    ):  # layers split over ranks: see course_utils.tensor_parallel
+        return tensor_parallel.role(cfg, me)
     model = models.build(cfg.model, seed=cfg.seed).to(me.device)  # same weights on every rank
-    optimizer = loop.make_optimizer(model, cfg.lr)
+    optimizer = loop.make_optimizer(model, cfg.lr, cfg.optimizer)
     params = [(name, 0, param) for name, param in model.named_parameters()]  # the whole model
     if cfg.parallel == "ddp":  # a replica per rank, each reading its slice of the global batch
         part = loop.Role(
@@ -95,7 +99,15 @@ def train_worker(cfg: RunConfig, progress: bool = False, announce: bool = False)
                 print(f"checkpoint: step {done} saved to {path}", file=sys.stderr, flush=True)
 
     batches = data.batches(
-        X, y, cfg.batch_size, cfg.steps, cfg.seed, part.data_rank, part.data_world_size, start_step
+        X,
+        y,
+        cfg.batch_size,
+        cfg.steps,
+        cfg.seed,
+        part.data_rank,
+        part.data_world_size,
+        start_step,
+        augment=cfg.augment,
     )
     workers = f"{me.world_size} worker{'s' if me.world_size > 1 else ''}"
     run = loop.fit(

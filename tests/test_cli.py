@@ -46,7 +46,7 @@ def test_cli_writes_the_contract_json(cli, tmp_path, model):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--model", "transformer"], "invalid choice"),
+        (["--model", "resnet"], "invalid choice"),
         (["--nproc", "0", "--parallel", "ddp"], "--nproc must be at least 1"),
         (["--batch-size", "0"], "--batch-size must be in"),
         (["--batch-size", "100000"], "--batch-size must be in"),

@@ -4,7 +4,10 @@ import torch
 import course_utils as cu
 
 
-@pytest.mark.parametrize("name, shape", [("cnn", (5, 1, 28, 28)), ("rnn", (5, 28, 28))])
+@pytest.mark.parametrize(
+    "name, shape",
+    [("cnn", (5, 1, 28, 28)), ("rnn", (5, 28, 28)), ("transformer", (5, 1, 28, 28))],
+)
 def test_model_output_shapes(name, shape):
     model = cu.models.build(name, seed=0)
     logits = model(torch.randn(shape))
@@ -25,7 +28,7 @@ def test_build_is_seeded_and_rejects_unknown_models():
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q)
     with pytest.raises(ValueError, match="unknown model"):
-        cu.models.build("transformer")
+        cu.models.build("resnet")
 
 
 def test_the_course_rnn_starts_from_a_zero_state_of_the_shape_nn_rnn_wants():
@@ -39,3 +42,24 @@ def test_the_course_rnn_starts_from_a_zero_state_of_the_shape_nn_rnn_wants():
     assert out.shape == (4, 28, model.hidden_size) and h.shape == (1, 4, model.hidden_size)
     torch.testing.assert_close(model(x), model.fc(out[:, -1]))  # logits from the last step
     torch.testing.assert_close(model(x[:1]), model(x)[:1])  # one state per sample, any batch
+
+
+def test_the_transformer_reads_16_patches_and_its_attention_is_standard():
+    model = cu.models.build("transformer", seed=0)
+    X = torch.randn(3, 1, 28, 28)
+    tokens = model.tokens(X)  # 16 patches of 7x7, each embedded, plus its position
+    assert tokens.shape == (3, 16, model.dim)
+    patch = X[0, 0, 7:14, 14:21].reshape(-1)  # row 1, column 2 of the patch grid: token 6
+    expected = model.embed(patch) + model.pos[0, 6]
+    torch.testing.assert_close(tokens[0, 6], expected)
+    # the course's attention equals PyTorch's nn.MultiheadAttention with the same weights
+    attn = model.blocks[0].attn
+    mha = torch.nn.MultiheadAttention(model.dim, model.heads, batch_first=True)
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(torch.cat([attn.q.weight, attn.k.weight, attn.v.weight]))
+        mha.in_proj_bias.copy_(torch.cat([attn.q.bias, attn.k.bias, attn.v.bias]))
+        mha.out_proj.weight.copy_(attn.out.weight)
+        mha.out_proj.bias.copy_(attn.out.bias)
+    torch.testing.assert_close(attn(tokens), mha(tokens, tokens, tokens)[0], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="heads"):
+        cu.models.build("transformer", dim=64, heads=5)

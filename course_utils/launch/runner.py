@@ -36,6 +36,7 @@ How it works, and why:
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import pickle
 import socket
 import sys
@@ -150,6 +151,7 @@ def run(
     group_timeout: float = GROUP_TIMEOUT_S,
     device: str = "auto",
     oversubscribe: bool = False,
+    pin: bool = False,
     **kwargs,
 ) -> list:
     """Run ``fn(*args, **kwargs)`` on ``nproc`` worker processes; return their results by rank.
@@ -159,7 +161,10 @@ def run(
     worker (default cores // nproc, at least 1; a forked worker of a notebook function gets 1, see
     the module docstring). ``device``: ``"auto"`` (a GPU per worker when there are ``nproc`` of
     them, else the CPU), ``"cpu"`` or ``"cuda"``. More than ``MAX_WORKERS_PER_CORE`` workers per
-    core are refused unless ``oversubscribe``. Raises :class:`WorkerError` (first failure) or
+    core are refused unless ``oversubscribe``. ``pin``: give each worker cores of its own
+    (rank r: cores r*threads ..), where they fit and the OS allows it: no worker migrates, nor
+    shares a core with another; on a machine busy with other programs it can also hurt, since a
+    pinned worker cannot move to a free core. Raises :class:`WorkerError` (first failure) or
     :class:`LaunchTimeout`.
     """
     if nproc < 1:
@@ -223,6 +228,7 @@ def run(
                     setup = {
                         "env": env,
                         "threads": threads,
+                        "cores": _cores_of(rank, threads, nproc) if pin else None,
                         "kind": kind,
                         "store": str(meeting / "store"),
                         "init_group": init_group,
@@ -244,6 +250,14 @@ def run(
             _stop(procs)
             for reader in readers:
                 reader.close()
+
+
+def _cores_of(rank: int, threads: int, nproc: int) -> list[int] | None:
+    """The cores rank ``rank`` is pinned to, or None where the workers don't fit one per core."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if threads * nproc > len(cores):
+        return None
+    return cores[rank * threads : (rank + 1) * threads]
 
 
 def _collect(procs: list, readers: dict, timeout: float) -> list:

@@ -159,6 +159,8 @@ def child_main(fn, args, kwargs, setup: dict, conn) -> None:
     _die_with_parent()
     os.environ.update(setup["env"])
     torch.set_num_threads(setup["threads"])
+    if setup.get("cores"):  # pinned: these cores, and no others
+        os.sched_setaffinity(0, setup["cores"])
     _launched_kind = setup["kind"]  # what cu.launch.worker() answers in this process
     status, payload = "ok", None
     try:

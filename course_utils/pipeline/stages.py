@@ -10,6 +10,8 @@ one tensor and returns one tensor (what travels between stages):
   can compute its own channels (same arithmetic as the whole layer).
 - RNN: ``nn.RNN | fc``. The recurrent layer is one layer deep and its 28 time steps share one set
   of weights, so there is no honest cut inside it: two stages, very unbalanced (see lesson 06).
+- Transformer: ``tokens | block 0 | ... | block 3 | norm + head``: identical blocks, the case
+  pipelines are made for (the tokens and the head are small, and go with the first and last).
 
 Every rank builds the full model from the same seed and keeps its own stage's units; parameters
 keep their full-model names (``origin``), so gradients and weights can be put back together.
@@ -85,9 +87,44 @@ class Head(nn.Module):
         return self.fc(x.flatten(1))
 
 
+class Tokens(nn.Module):
+    """The transformer's patches, embedded, with their positions: (B, 1, 28, 28) -> (B, T, dim)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = [model]  # a list: not registered, its parameters are listed below
+        self.embed, self.pos = model.embed, model.pos
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model[0].tokens(x)
+
+
+class TransformerBlock(nn.Module):
+    """Block ``i`` of the transformer: (B, T, dim) -> (B, T, dim)."""
+
+    def __init__(self, model: nn.Module, i: int):
+        super().__init__()
+        self.block = model.blocks[i]
+        self.origin = {n: (f"blocks.{i}.{n[6:]}", 0) for n, _ in self.named_parameters()}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+class TransformerHead(nn.Module):
+    """The final norm, the mean over tokens, the linear head: (B, T, dim) -> (B, 10)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.norm, self.head = model.norm, model.head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(x).mean(dim=1))
+
+
 def units(name: str, model: nn.Module) -> list[nn.Module]:
-    """The smallest pieces ``model`` (``"cnn"`` or ``"rnn"``) can be cut into, in order. The
-    CNN's conv2 is split half-way through its output channels (see :func:`plan` for why)."""
+    """The smallest pieces ``model`` (``"cnn"``, ``"rnn"`` or ``"transformer"``) can be cut into,
+    in order. The CNN's conv2 is split half-way through its output channels (see :func:`plan`)."""
     if name == "cnn":
         n = model.conv2.out_channels
         return [
@@ -98,17 +135,22 @@ def units(name: str, model: nn.Module) -> list[nn.Module]:
         ]
     if name == "rnn":
         return [RNNBody(model), Head(model)]
+    if name == "transformer":
+        blocks = [TransformerBlock(model, i) for i in range(len(model.blocks))]
+        return [Tokens(model), *blocks, TransformerHead(model)]
     raise ValueError(f"unknown model {name!r}")
 
 
-def unit_names(name: str) -> list[str]:
+def unit_names(name: str, depth: int = 4) -> list[str]:
     """Names of the units of :func:`units`, for printing."""
     if name == "cnn":
         return ["conv1 block", "conv2 ch 0-31", "conv2 ch 32-63 + pool", "fc"]
+    if name == "transformer":
+        return ["tokens", *(f"block {i}" for i in range(depth)), "norm + head"]
     return ["nn.RNN", "fc"]
 
 
-UNIT_NAMES = {name: unit_names(name) for name in ("cnn", "rnn")}
+UNIT_NAMES = {name: unit_names(name) for name in ("cnn", "rnn", "transformer")}
 
 
 def max_stages(name: str) -> int:

@@ -82,6 +82,7 @@ class Pipeline:
         seed: int = 0,
         lr: float = 0.01,
         device: str | None = None,
+        optimizer: str = "sgd",
     ):
         me = launch.worker(device)
         self.rank, self.num_stages = me.rank, me.world_size
@@ -107,7 +108,7 @@ class Pipeline:
                 self.torch = TorchPipeline(
                     [self.stage], [self.rank], len(pieces), schedule, num_microbatches, me.device
                 )
-        self.optimizer = loop.make_optimizer(self.stage, lr)
+        self.optimizer = loop.make_optimizer(self.stage, lr, optimizer)
         self.events: list[Event] | None = None  # set to a list to record the next steps
 
     def step_fn(self, _model, optimizer, X, y) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,7 +259,15 @@ def role(cfg, device: str | None = None) -> tuple[loop.Role, Pipeline]:
     num_stages = virtual_stages(cfg.model, dist.get_world_size(), cfg.schedule)
     sizes = measured_plan(cfg.model, num_stages, cfg.batch_size // cfg.microbatches, cfg.seed)
     pipe = Pipeline(
-        cfg.model, sizes, cfg.microbatches, cfg.schedule, "torch", cfg.seed, cfg.lr, device
+        cfg.model,
+        sizes,
+        cfg.microbatches,
+        cfg.schedule,
+        "torch",
+        cfg.seed,
+        cfg.lr,
+        device,
+        cfg.optimizer,
     )
     names = stages.unit_names(cfg.model)
     bounds = [0, *itertools.accumulate(sizes)]

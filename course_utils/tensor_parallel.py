@@ -1,0 +1,289 @@
+"""Tensor parallelism (lesson 08): split the layers themselves, so that each rank holds a slice of
+every weight matrix and computes a slice of every product.
+
+Megatron-LM's recipe (Shoeybi et al. 2019, arXiv:1909.08053) for a transformer block:
+
+- an MLP is ``fc2(gelu(fc1(x)))``. Split ``fc1`` by output columns (**column parallel**: rank r
+  computes hidden units r*H/T .. (r+1)*H/T, GELU acts on each unit alone) and ``fc2`` by input rows
+  (**row parallel**: rank r multiplies its hidden units by its rows of ``fc2``, giving a partial
+  sum of the output). One all-reduce adds the partial sums.
+- attention splits the same way, by heads: q, k, v column parallel (each rank computes some heads,
+  whole), the output projection row parallel, one all-reduce.
+
+Two conjugate operators make the gradients right: ``f`` (:class:`CopyToParallel`) is the identity
+going forward and an all-reduce going backward (every rank used the whole input, so its gradient is
+the sum of every rank's part); ``g`` (:class:`ReduceFromParallel`) is an all-reduce going forward
+and the identity going backward. Per block and step: 2 all-reduces forward, 2 backward, each of the
+activations' size, B x T x dim numbers: communication grows with the activations, computation with
+dim squared, so tensor parallelism pays for wide layers on fast links (inside one node).
+
+Then the same with PyTorch's DTensor: :func:`plan` for ``parallelize_module``
+(``ColwiseParallel``, ``RowwiseParallel``, and ``SequenceParallel`` for the norms) on a
+``DeviceMesh`` (:func:`mesh`, 1-D or data x tensor parallel).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from course_utils import models
+
+# --- by hand: Megatron's two operators and the two split linear layers ------------------------
+
+COMM = {"calls": 0, "bytes": 0, "seconds": 0.0}  # all-reduces of f and g in this process
+
+
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    start = time.perf_counter()
+    dist.all_reduce(x, group=group)
+    COMM["calls"] += 1
+    COMM["bytes"] += x.numel() * x.element_size()
+    COMM["seconds"] += time.perf_counter() - start
+    return x
+
+
+class CopyToParallel(torch.autograd.Function):
+    """Megatron's ``f``: identity forward; all-reduce of the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad.contiguous(), ctx.group), None
+
+
+class ReduceFromParallel(torch.autograd.Function):
+    """Megatron's ``g``: all-reduce forward (sum the partial products); identity backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x.contiguous().clone(), group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class ColumnParallelLinear(nn.Module):
+    """Rank ``rank``'s share of ``linear``'s output features (rows of its weight): (in) -> (out/T)."""
+
+    def __init__(self, linear: nn.Linear, rank: int, world_size: int):
+        super().__init__()
+        rows = _slice(linear.out_features, rank, world_size)
+        self.weight = nn.Parameter(linear.weight.detach()[rows].clone())  # (out/T, in)
+        self.bias = nn.Parameter(linear.bias.detach()[rows].clone())  # (out/T,)
+        self.split = {"weight": 0, "bias": 0}  # the dimension each parameter is cut along
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """Rank ``rank``'s share of ``linear``'s input features (columns of its weight): (in/T) -> a
+    partial (out); ``g`` sums the partials, then the bias is added once."""
+
+    def __init__(self, linear: nn.Linear, rank: int, world_size: int, group=None):
+        super().__init__()
+        cols = _slice(linear.in_features, rank, world_size)
+        self.weight = nn.Parameter(linear.weight.detach()[:, cols].clone())  # (out, in/T)
+        self.bias = nn.Parameter(linear.bias.detach().clone())  # whole, on every rank
+        self.group = group
+        self.split = {"weight": 1}  # the bias is whole
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ReduceFromParallel.apply(F.linear(x, self.weight), self.group) + self.bias
+
+
+def _slice(n: int, rank: int, world_size: int) -> slice:
+    if n % world_size:
+        raise ValueError(f"{n} features do not divide among {world_size} ranks")
+    return slice(rank * n // world_size, (rank + 1) * n // world_size)
+
+
+class ParallelMLP(nn.Module):
+    """``f`` -> fc1 column parallel -> GELU -> fc2 row parallel (``g`` inside): one all-reduce
+    forward, one backward."""
+
+    def __init__(self, mlp: models.MLP, rank: int, world_size: int, group=None):
+        super().__init__()
+        self.group = group
+        self.fc1 = ColumnParallelLinear(mlp.fc1, rank, world_size)
+        self.fc2 = RowParallelLinear(mlp.fc2, rank, world_size, group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = CopyToParallel.apply(x, self.group)
+        return self.fc2(F.gelu(self.fc1(x)))  # (B, T, hidden / T) in between
+
+
+class ParallelAttention(nn.Module):
+    """Attention split by heads: q, k, v column parallel (this rank's heads, whole), the output
+    projection row parallel. The heads never talk to each other, so nothing else is sent."""
+
+    def __init__(self, attn: models.Attention, rank: int, world_size: int, group=None):
+        super().__init__()
+        self.group, self.head_dim = group, attn.head_dim
+        self.q, self.k, self.v = (
+            ColumnParallelLinear(layer, rank, world_size) for layer in (attn.q, attn.k, attn.v)
+        )
+        self.out = RowParallelLinear(attn.out, rank, world_size, group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        x = CopyToParallel.apply(x, self.group)
+        q, k, v = (
+            f(x).view(B, T, -1, self.head_dim).transpose(1, 2) for f in (self.q, self.k, self.v)
+        )
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, heads / T, T, head_dim)
+        return self.out(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def parallelize_by_hand(model: models.Transformer, group=None) -> models.Transformer:
+    """Replace every block's attention and MLP by this rank's tensor-parallel share (in place).
+    The embedding, the norms and the head stay whole on every rank (they are small)."""
+    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+    if model.heads % world_size:
+        raise ValueError(f"{model.heads} heads do not divide among {world_size} ranks")
+    for block in model.blocks:
+        block.attn = ParallelAttention(block.attn, rank, world_size, group)
+        block.mlp = ParallelMLP(block.mlp, rank, world_size, group)
+    return model
+
+
+def gather_by_hand(model: nn.Module, group=None, grads: bool = False) -> dict[str, torch.Tensor]:
+    """The whole model's parameters (or gradients) on every rank: each split one all-gathered
+    and joined along the dimension it was cut along (a collective: every rank calls it)."""
+    world_size = dist.get_world_size(group)
+    out = {}
+    for name, param in model.named_parameters():
+        tensor = (param.grad if grads else param).detach().contiguous()
+        owner, _, local = name.rpartition(".")
+        dim = getattr(model.get_submodule(owner), "split", {}).get(local)
+        if dim is None:  # whole on every rank
+            out[name] = tensor.clone()
+            continue
+        parts = [torch.empty_like(tensor) for _ in range(world_size)]
+        dist.all_gather(parts, tensor, group=group)
+        out[name] = torch.cat(parts, dim=dim)
+    return out
+
+
+# --- with DTensor: the plans, the mesh -----------------------------------------------------------
+
+
+def plan(model: models.Transformer, sequence_parallel: bool = False) -> dict:
+    """``parallelize_module``'s plan for the course's transformer: Megatron's split of every
+    block; with ``sequence_parallel``, the norms (and the residual stream between blocks) split
+    along the sequence, so that each rank normalises only its tokens (Korthikanti et al. 2022,
+    arXiv:2205.05198): the all-reduces become reduce-scatters and all-gathers, same bytes."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+    )
+
+    out = Shard(1) if sequence_parallel else Replicate()
+    layout = {}
+    for i in range(len(model.blocks)):
+        b = f"blocks.{i}"
+        layout |= {f"{b}.attn.{x}": ColwiseParallel() for x in ("q", "k", "v")}
+        layout |= {f"{b}.mlp.fc1": ColwiseParallel()}
+        layout |= {f"{b}.attn.out": RowwiseParallel(output_layouts=out)}
+        layout |= {f"{b}.mlp.fc2": RowwiseParallel(output_layouts=out)}
+        if sequence_parallel:
+            gather = PrepareModuleInput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+            )
+            layout |= {f"{b}.norm1": SequenceParallel(), f"{b}.norm2": SequenceParallel()}
+            layout |= {f"{b}.attn": gather, f"{b}.mlp": gather}
+    if sequence_parallel:  # the residual stream enters sharded by tokens, leaves whole
+        layout["blocks.0"] = PrepareModuleInput(
+            input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),), use_local_output=True
+        )
+        layout["norm"] = PrepareModuleInput(
+            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
+        )
+    return layout
+
+
+def config_error(model_name: str, tp: int, nproc: int, **sizes) -> str | None:
+    """The one line that says why ``--tp`` can't split this model over these ranks, or None."""
+    if model_name != "transformer":
+        return f"--model {model_name} has no tensor-parallel plan (only the transformer has)"
+    if tp < 1 or nproc % tp:
+        return f"--nproc {nproc} is not a multiple of the tensor-parallel size {tp}"
+    defaults = models.Transformer.__init__.__defaults__  # dim, heads, hidden, depth, patch
+    dim, heads, hidden = (sizes.get(k, d) for k, d in zip(("dim", "heads", "hidden"), defaults))
+    for what, n in (("heads", heads), ("width", dim), ("MLP width", hidden)):
+        if n % tp:
+            return (
+                f"the transformer's {what} ({n}) does not divide among {tp} tensor-parallel ranks"
+            )
+    return None
+
+
+def mesh(dp: int, tp: int, device_type: str = "cpu"):
+    """A 2-D ``DeviceMesh`` of ``dp`` x ``tp`` ranks, named ("dp", "tp"): ranks r*tp .. r*tp+tp-1
+    form a tensor-parallel group (neighbours: one node), the ranks with the same tp index a
+    data-parallel group."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device_type, (dp, tp), mesh_dim_names=("dp", "tp"))
+
+
+def role(cfg, me):
+    """``--parallel tp`` (every rank one tensor-parallel slice of the model) or ``--parallel ddp
+    --tp T`` (``nproc / T`` replicas, each split over ``T`` ranks): this rank's
+    :class:`course_utils.loop.Role`, and a function that gathers the whole trained model on every
+    rank (a collective). The ranks of a tensor-parallel group read the same batch; the replicas
+    each read their slice, and average their gradients over the data-parallel group."""
+    from functools import partial
+
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from course_utils import ddp, loop
+
+    tp_size = me.world_size if cfg.parallel == "tp" else cfg.tp
+    dp_size = me.world_size // tp_size
+    grid = mesh(dp_size, tp_size, me.device.type)
+    model = models.build(cfg.model, seed=cfg.seed).to(me.device)  # same weights on every rank
+    parallelize_module(model, grid["tp"], plan(model))  # now each rank holds its slices
+    optimizer = loop.make_optimizer(model, cfg.lr, cfg.optimizer)
+    dp_group = grid["dp"].get_group()
+
+    def global_sum(stats: torch.Tensor) -> torch.Tensor:  # one copy per replica, not per rank
+        dist.all_reduce(stats, group=dp_group)
+        return stats
+
+    part = loop.Role(
+        model,
+        optimizer,
+        model=model,
+        data_rank=grid["dp"].get_local_rank(),
+        data_world_size=dp_size,
+        step_fn=partial(ddp.hand_step, group=dp_group) if dp_size > 1 else loop.train_step,
+        reduce=global_sum,
+        is_main=me.is_main,
+        params=[(name, 0, param) for name, param in model.named_parameters()],
+        info={"mesh": {"dp": dp_size, "tp": tp_size}},
+    )
+
+    def trained() -> nn.Module:
+        whole = models.build(cfg.model)
+        state = {
+            n: p.full_tensor() if hasattr(p, "full_tensor") else p
+            for n, p in model.state_dict().items()
+        }
+        whole.load_state_dict({n: t.detach().cpu() for n, t in state.items()})
+        return whole
+
+    return part, trained
