@@ -126,7 +126,10 @@ def test_a_resumed_run_ends_like_an_uninterrupted_one(tmp_path, parallel, nproc)
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(parallel="ddp", nproc=3, batch_size=64), "does not divide among 3 data-parallel replicas"),
+        (
+            dict(parallel="ddp", nproc=3, batch_size=64),
+            "does not divide among 3 data-parallel replicas",
+        ),
         (dict(parallel="ddp", nproc=0), "--nproc must be at least 1"),
     ],
 )

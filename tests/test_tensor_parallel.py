@@ -69,7 +69,10 @@ def with_dtensor(sequence_parallel, steps):
     optimizer.zero_grad()
     loss = F.cross_entropy(model(X), y)
     loss.backward()
-    full = {n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for n, p in model.named_parameters()}
+    full = {
+        n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+        for n, p in model.named_parameters()
+    }
     return loss.item(), full
 
 
@@ -103,4 +106,7 @@ def test_the_cli_trains_tensor_parallel_like_one_process(parallel, nproc, tp_siz
     split = cu.train.run(cfg, progress=False)
     torch.testing.assert_close(split["losses"], one["losses"], rtol=1e-4, atol=0)
     assert split["test_accuracy"] == pytest.approx(one["test_accuracy"], abs=2e-3)
-    assert json.loads(json.dumps(split))["mesh"] == {"dp": nproc // max(tp_size, 1) if parallel == "ddp" else 1, "tp": tp_size if parallel == "ddp" else nproc}
+    assert json.loads(json.dumps(split))["mesh"] == {
+        "dp": nproc // max(tp_size, 1) if parallel == "ddp" else 1,
+        "tp": tp_size if parallel == "ddp" else nproc,
+    }
