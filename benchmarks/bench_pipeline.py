@@ -1,15 +1,19 @@
 """Pipeline parallelism: throughput of 2 stages against one process with one thread.
 
-    python benchmarks/bench_pipeline.py [--batch-size 128] [--steps 10] [--repeats 3] [--models cnn,rnn]
+    python benchmarks/bench_pipeline.py [--batch-size 128] [--transformer-batch-size 256]
+        [--steps 10] [--repeats 3] [--models cnn,rnn,transformer] [--engine torch] [--no-pin]
 
-For each model (CNN, RNN), schedule (GPipe, 1F1B) and number of microbatches m = 1, 2, 4, 8, 16,
-2 worker processes with 1 thread each train a few steps through ``torch.distributed.pipelining``
-(stages balanced by measured time); the baseline is the whole model in one process with one thread,
-measured right before each run, so that each ratio compares runs on the same (possibly busy)
-machine; the median of the paired ratios is reported, and the ratio of the best runs of each
-(the least disturbed by other programs). Beside each ratio:
-the bound m·p/(m+p-1) of equal stages, and the bound of the stages as measured (the slowest
-stage sets the pace). Writes benchmarks/results/pipeline.json.
+For each model (CNN, RNN, transformer), schedule (GPipe, 1F1B) and number of microbatches m = 1,
+2, 4, 8, 16, 2 worker processes with 1 thread each (each pinned to its own core) train a few steps
+(stages balanced by measured time). Two baselines, each measured right before each run, so that
+each ratio compares runs on the same (possibly busy) machine: the whole model in one process with
+one thread on the whole batch, and the same process running the pipeline's m microbatches one
+after the other (the same arithmetic and operation sizes: a speedup over it is the pipelining
+alone; a big batch in one piece can be slower per sample, its activations overflowing the
+caches). The median of the paired ratios is reported, and the ratio of the best runs of each (the
+least disturbed by other programs). Beside each ratio: the bound m·p/(m+p-1) of equal stages, and
+the bound of the stages as measured (the slowest stage sets the pace).
+Writes benchmarks/results/pipeline.json.
 """
 
 from __future__ import annotations
@@ -42,70 +46,79 @@ def imbalance_bound(name: str, sizes: list[int], batch_size: int, m: int) -> flo
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--transformer-batch-size", type=int, default=256)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--models", default="cnn,rnn")
+    p.add_argument("--models", default="cnn,rnn,transformer")
+    p.add_argument("--engine", default="torch", choices=worker.ENGINES)
+    p.add_argument("--no-pin", dest="pin", action="store_false")
     args = p.parse_args()
     torch.set_num_threads(1)
     rows = []
     for name in args.models.split(","):
-        ratios: dict[tuple, list] = {}
-        extra: dict[tuple, dict] = {}
+        batch = args.transformer_batch_size if name == "transformer" else args.batch_size
+        runs: dict[tuple, dict] = {}
         for _ in range(args.repeats):
             for schedule in schedules.SCHEDULES:
                 for m in MICROBATCHES:
-                    if worker.config_error(name, NUM_STAGES, args.batch_size, m, schedule):
+                    if worker.config_error(name, NUM_STAGES, batch, m, schedule):
                         continue  # 1F1B needs m >= p in torch.distributed.pipelining
-                    # The baseline right before each run: a busy machine slows both alike.
-                    base = worker.one_process_throughput(name, args.batch_size, 1, args.steps)
+                    # The baselines right before each run: a busy machine slows them all alike.
+                    whole = worker.one_process_throughput(name, batch, 1, args.steps)
+                    pieces = worker.one_process_throughput(name, batch, 1, args.steps, 0, m)
                     result = cu.launch.run(
                         worker.profile,
                         NUM_STAGES,
-                        worker.Profile(name, m, schedule, "torch", args.batch_size, args.steps),
+                        worker.Profile(name, m, schedule, args.engine, batch, args.steps),
                         threads=1,
                         timeout=600,
-                        device="cpu",  # like the baseline: one CPU process
+                        device="cpu",  # like the baselines: CPU processes
+                        pin=args.pin,
                     )[0]
-                    key = (schedule, m)
-                    ratios.setdefault(key, []).append(result["samples_per_s"] / base)
-                    info = extra.setdefault(
-                        key, {"bubbles": [], "sizes": result["sizes"], "pipe": [], "base": []}
-                    )
-                    info["pipe"].append(result["samples_per_s"])
-                    info["base"].append(base)
-                    info["bubbles"].append(schedules.bubble_fraction(result["events"], NUM_STAGES))
-        for (schedule, m), values in sorted(ratios.items()):
-            sizes = extra[schedule, m]["sizes"]
+                    run = runs.setdefault((schedule, m), {"sizes": result["sizes"]})
+                    for key, value in (
+                        ("pipe", result["samples_per_s"]),
+                        ("whole", whole),
+                        ("pieces", pieces),
+                        ("bubble", schedules.bubble_fraction(result["events"], NUM_STAGES)),
+                    ):
+                        run.setdefault(key, []).append(value)
+        for (schedule, m), run in sorted(runs.items()):
             bound = schedules.speedup_bound(NUM_STAGES, m)
-            info = extra[schedule, m]
-            # Median of the paired ratios; and the best pipeline run over the best baseline run
-            # (each the least disturbed by other programs, as timeit takes the minimum time).
-            speedup, best = statistics.median(values), max(info["pipe"]) / max(info["base"])
+            speedup = statistics.median(p / b for p, b in zip(run["pipe"], run["whole"]))
+            over_pieces = statistics.median(p / b for p, b in zip(run["pipe"], run["pieces"]))
+            # the best pipeline run over the best baseline run (the least disturbed, as timeit)
+            best = max(run["pipe"]) / max(run["whole"])
             rows.append(
                 {
                     "model": name,
+                    "batch_size": batch,
                     "schedule": schedule,
                     "microbatches": m,
-                    "stage_sizes": sizes,
+                    "stage_sizes": run["sizes"],
                     "speedup": speedup,
-                    "speedups": values,
-                    "speedup_best": best,  # best pipeline run / best baseline run
-                    "samples_per_s": info["pipe"],
-                    "baseline_samples_per_s": info["base"],
-                    "fraction_of_bound_best": best / bound,
+                    "speedups": [p / b for p, b in zip(run["pipe"], run["whole"])],
+                    "speedup_best": best,
+                    "speedup_over_microbatched": over_pieces,
+                    "samples_per_s": run["pipe"],
+                    "baseline_samples_per_s": run["whole"],
+                    "microbatched_samples_per_s": run["pieces"],
                     "bound": bound,
                     "fraction_of_bound": speedup / bound,
-                    "bound_of_measured_stages": imbalance_bound(name, sizes, args.batch_size, m),
-                    "measured_bubble": statistics.median(extra[schedule, m]["bubbles"]),
+                    "fraction_of_bound_best": best / bound,
+                    "fraction_of_bound_microbatched": over_pieces / bound,
+                    "bound_of_measured_stages": imbalance_bound(name, run["sizes"], batch, m),
+                    "measured_bubble": statistics.median(run["bubble"]),
                     "formula_bubble": schedules.bubble_formula(NUM_STAGES, m),
                 }
             )
             r = rows[-1]
             print(
-                f"{name} {schedule:5} m={m:2}: {r['speedup']:.2f}x of 1 process, best "
-                f"{best:.2f}x (bound {bound:.2f}: {r['fraction_of_bound']:.0%}, best "
-                f"{r['fraction_of_bound_best']:.0%}; these stages allow "
-                f"{r['bound_of_measured_stages']:.2f}); bubble {r['measured_bubble']:.2f} "
+                f"{name} batch {batch} {schedule:5} m={m:2}: {speedup:.2f}x of 1 process "
+                f"({r['fraction_of_bound']:.0%} of the bound {bound:.2f}), "
+                f"{over_pieces:.2f}x of 1 process on the same microbatches "
+                f"({r['fraction_of_bound_microbatched']:.0%}); these stages allow "
+                f"{r['bound_of_measured_stages']:.2f}; bubble {r['measured_bubble']:.2f} "
                 f"(formula {r['formula_bubble']:.2f})",
                 flush=True,
             )
@@ -113,6 +126,9 @@ def main() -> None:
         "machine": f"{platform.machine()}, {cu.hardware.num_cores()} cores",
         "num_stages": NUM_STAGES,
         "batch_size": args.batch_size,
+        "transformer_batch_size": args.transformer_batch_size,
+        "engine": args.engine,
+        "pinned": args.pin,
         "threads_per_worker": 1,
         "steps": args.steps,
         "repeats": args.repeats,

@@ -59,19 +59,39 @@ def ddp_rows(d: dict) -> list[str]:
 
 def pipeline_rows(d: dict) -> list[str]:
     out = []
-    for model in ("cnn", "rnn"):
+    for model in ("cnn", "rnn", "transformer"):
         for schedule in ("1f1b", "gpipe"):
             rows = [r for r in d["rows"] if r["model"] == model and r["schedule"] == schedule]
-            if rows:
-                cells = ", ".join(
-                    f"m={r['microbatches']}: {_x(r['speedup'])} ({r['fraction_of_bound']:.0%})"
-                    for r in rows
+            if not rows:
+                continue
+            cells = ", ".join(
+                f"m={r['microbatches']}: {_x(r['speedup'])} ({r['fraction_of_bound']:.0%}"
+                + (
+                    f"; {r['fraction_of_bound_microbatched']:.0%} over the same microbatches)"
+                    if "fraction_of_bound_microbatched" in r
+                    else ")"
                 )
-                out.append(
-                    f"| {model.upper()} pipeline, 2 stages, {schedule}, speedup over 1 process "
-                    f"(% of the bound m·p/(m+p−1)) (`bench_pipeline.py`) | {cells} |"
-                )
+                for r in rows
+            )
+            batch = rows[0].get("batch_size", d["batch_size"])
+            out.append(
+                f"| {model.upper()} pipeline, 2 stages, {schedule}, batch {batch}, speedup over "
+                f"1 process (% of the bound m·p/(m+p−1)) (`bench_pipeline.py`) | {cells} |"
+            )
     return out
+
+
+def tp_rows(d: dict) -> list[str]:
+    cells = "; ".join(
+        f"width {r['dim']}, batch {r['batch_size']}, {r['engine']}: {_x(r['speedup'])} "
+        f"({r['speedup_min']:.2f}–{r['speedup_max']:.2f})"
+        + (f", all-reduce {r['comm_share']:.0%} of a step" if r["comm_share"] is not None else "")
+        for r in d["rows"]
+    )
+    return [
+        "| transformer, tensor parallel on 2 ranks × 1 thread vs 1 process × 1 thread, each "
+        f"pinned to a core (median of {d['repeats']}, `bench_tp.py`) | {cells} |"
+    ]
 
 
 def collectives_rows(d: dict) -> list[str]:
@@ -170,6 +190,7 @@ def main() -> None:
         "ddp": (ddp_rows, figure_ddp),
         "pipeline": (pipeline_rows, figure_pipeline),
         "collectives": (collectives_rows, figure_collectives),
+        "tp": (tp_rows, None),
         "widgets": (widget_rows, None),
     }
     for name, (table, figure) in sources.items():

@@ -198,17 +198,46 @@ def measure_throughput(
     threads: int | None = None,
     num_steps: int = 10,
     lr: float = 0.01,
+    microbatches: int = 1,
 ) -> float:
-    """Training samples per second of ``model`` at this batch size and thread count.
+    """Training samples per second of ``model`` at this batch size and thread count; with
+    ``microbatches``, each step accumulates the gradients of that many equal pieces of the batch
+    (the arithmetic a pipeline does, on one device).
 
     Trains a throwaway copy, so the caller's model is untouched."""
     import copy
 
     model = copy.deepcopy(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    step_fn = train_step if microbatches == 1 else _accumulating(microbatches)
     with num_threads(threads):
-        history = fit(model, optimizer, _cycle(X, y, batch_size), num_steps + 1, progress=False)
+        history = fit(
+            model,
+            optimizer,
+            _cycle(X, y, batch_size),
+            num_steps + 1,
+            step_fn=step_fn,
+            progress=False,
+        )
     return history.samples_per_s
+
+
+def _accumulating(microbatches: int) -> Callable:
+    """A step that runs the batch as ``microbatches`` pieces, summing their gradients."""
+
+    def step(model, optimizer, X, y):
+        optimizer.zero_grad(set_to_none=True)
+        losses, correct = [], 0
+        for X_m, y_m in zip(X.chunk(microbatches), y.chunk(microbatches)):
+            logits = model(X_m)
+            loss = F.cross_entropy(logits, y_m) / microbatches  # its share of the batch mean
+            loss.backward()
+            losses.append(loss.detach())
+            correct = correct + (logits.argmax(dim=1) == y_m).sum()
+        optimizer.step()
+        return torch.stack(losses).sum(), correct
+
+    return step
 
 
 def _cycle(X: torch.Tensor, y: torch.Tensor, batch_size: int):

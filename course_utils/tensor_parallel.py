@@ -120,7 +120,7 @@ class ParallelMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = CopyToParallel.apply(x, self.group)
-        return self.fc2(F.gelu(self.fc1(x)))  # (B, T, hidden / T) in between
+        return self.fc2(F.gelu(self.fc1(x)))  # (B, T, hidden / world_size) in between
 
 
 class ParallelAttention(nn.Module):
@@ -141,7 +141,7 @@ class ParallelAttention(nn.Module):
         q, k, v = (
             f(x).view(B, T, -1, self.head_dim).transpose(1, 2) for f in (self.q, self.k, self.v)
         )
-        y = F.scaled_dot_product_attention(q, k, v)  # (B, heads / T, T, head_dim)
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, heads / world_size, T, head_dim)
         return self.out(y.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -64,7 +64,7 @@ def test_unequal_stages_and_communication():
 # --- stages of the models ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["cnn", "rnn"])
+@pytest.mark.parametrize("name", ["cnn", "rnn", "transformer"])
 def test_units_compose_to_the_model(name):
     model = cu.models.build(name, seed=0)
     X = cu.models.prepare_input(name, cu.data.mnist("train", limit=8)[0])
@@ -106,6 +106,20 @@ def test_balance_minimises_the_slowest_stage():
         stages.units("cnn", cu.models.build("cnn", seed=0)), *cu.data.mnist("train", limit=16)
     )
     assert len(costs) == 4 and all(f > 0 and b > 0 for f, b in costs)
+
+
+def test_the_microbatched_baseline_does_the_pipelines_arithmetic():
+    # Lesson 06's second baseline: one process running the m microbatches in turn takes the
+    # same step as on the whole batch (the pipeline's arithmetic, on one device).
+    X, y = next(cu.data.batches(*cu.data.mnist("train"), 32, 1, seed=0))
+    models = [cu.models.build("transformer", seed=0) for _ in range(2)]
+    for model, step in zip(models, (cu.loop.train_step, cu.loop._accumulating(4))):
+        step(model, torch.optim.SGD(model.parameters(), lr=0.1), X, y)
+    whole, pieces = (dict(m.named_parameters()) for m in models)
+    for k in whole:
+        torch.testing.assert_close(pieces[k], whole[k], rtol=1e-4, atol=1e-6)
+    rate = worker.one_process_throughput("transformer", 32, num_steps=1, microbatches=4)
+    assert rate > 0
 
 
 def test_saved_bytes_counts_activations_not_weights():
@@ -245,6 +259,19 @@ def test_pipeline_speedups_shows_the_bound_and_every_bar():
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert "bound m·p/(m+p-1)" in labels and any("noisy" in label for label in labels)
     assert not cu.plots.pipeline_speedups([], 2).axes[0].axison  # nothing measured yet
+
+
+def test_pipeline_speedups_draws_one_line_per_baseline():
+    # Lesson 06's transformer: the same pipeline over two baselines, one line each.
+    points = [
+        {"baseline": b, "microbatches": m, **cu.measure.spread([v, v * 1.1]).as_dict("speedup")}
+        for b, v in [("whole batch", 1.5), ("same m microbatches", 1.3)]
+        for m in (2, 4)
+    ]
+    fig = cu.plots.pipeline_speedups(points, 2, by="baseline")
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert {"baseline = whole batch", "baseline = same m microbatches"} <= set(labels)
+    assert "bound m·p/(m+p-1)" in labels
 
 
 def test_pipeline_panel_simulates_on_change_and_runs_on_click():

@@ -187,13 +187,28 @@ def virtual_stages(name: str, num_ranks: int, schedule: str) -> int:
 
 
 def one_process_throughput(
-    name: str, batch_size: int, threads: int = 1, num_steps: int = 4, seed: int = 0
+    name: str,
+    batch_size: int,
+    threads: int = 1,
+    num_steps: int = 4,
+    seed: int = 0,
+    microbatches: int = 1,
 ) -> float:
-    """Samples/s of the whole model in this process: the baseline a pipeline's speedup is over."""
+    """Samples/s of the whole model in this process: the baseline a pipeline's speedup is over.
+    With ``microbatches``, one process runs the pipeline's microbatches one after the other (the
+    same arithmetic and the same sizes of operations, so a speedup over it is the pipelining
+    alone: a big batch in one piece can be slower per sample, its activations overflowing the
+    caches)."""
     X, y = data.mnist("train")
     model = models.build(name, seed=seed)
     return loop.measure_throughput(
-        model, models.prepare_input(name, X), y, batch_size, threads=threads, num_steps=num_steps
+        model,
+        models.prepare_input(name, X),
+        y,
+        batch_size,
+        threads=threads,
+        num_steps=num_steps,
+        microbatches=microbatches,
     )
 
 
@@ -201,7 +216,7 @@ def one_process_throughput(
 class Profile:
     """One measured pipeline run of lesson 06 and its panel: what :func:`profile` trains."""
 
-    model: str = "cnn"  # "cnn" or "rnn"
+    model: str = "cnn"  # "cnn", "rnn" or "transformer"
     microbatches: int = 4  # per global batch
     schedule: str = "gpipe"  # "gpipe", "1f1b" (or "interleaved1f1b" with engine "torch")
     engine: str = "hand"  # "hand" (send/recv, this package) or "torch" (torch's pipelining)

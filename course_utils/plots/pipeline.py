@@ -133,21 +133,22 @@ def pipeline_speedups(
     title: str | None = None,
     ylabel: str = "speedup over 1 process",
     ax=None,
+    by: str = "schedule",
 ):
     """Measured speedups of a pipeline of ``num_stages`` stages against the number of
-    microbatches, one line per schedule (points as :func:`measurements` reads them: median, and
-    a min-max bar and a hollow noisy marker where ``speedup_min``/``_max``/``_noisy`` are given),
-    with the bound m·p/(m+p-1) as a dashed line and one process (1.0) as a dotted one. The y axis
-    reaches the bound and the highest bar, so neither is clipped."""
+    microbatches, one line per value of the points' ``by`` key (a schedule, or e.g. with
+    ``by="baseline"`` the baseline each speedup is over; points as :func:`measurements` reads
+    them: median, and a min-max bar and a hollow noisy marker where
+    ``speedup_min``/``_max``/``_noisy`` are given), with the bound m·p/(m+p-1) as a dashed line
+    and one process (1.0) as a dotted one. The y axis reaches the bound and the highest bar, so
+    neither is clipped."""
     from course_utils.pipeline import schedules as sched
 
     fig, ax = _axes(ax, figsize=(8, 4))  # the legend sits beside the axes
     if not points:
         ax.set_axis_off()
         return fig
-    measurements(
-        points, x="microbatches", y="speedup", by="schedule", ax=ax, ylabel=ylabel, title=title
-    )
+    measurements(points, x="microbatches", y="speedup", by=by, ax=ax, ylabel=ylabel, title=title)
     ms = sorted({r["microbatches"] for r in points})
     bounds = [sched.speedup_bound(num_stages, k) for k in ms]
     ax.plot(ms, bounds, "k--", marker="_", markersize=14, label="bound m·p/(m+p-1)")
