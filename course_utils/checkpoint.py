@@ -15,6 +15,13 @@ configuration. Nothing is lost:
   match (a flipped byte) is refused, set aside as ``*.corrupt``, and the previous good one is used;
 - **knowing its run.** Resuming with other arithmetic (another model, batch, learning rate, seed
   or strategy) would mix two runs in one record: :func:`check` refuses, naming the field.
+
+A sharded run (``--parallel fsdp``) saves through ``torch.distributed.checkpoint`` (DCP) instead:
+a folder, ``latest.dcp``, where every rank writes its own shards in parallel and a metadata file
+maps them to the whole tensors, so that it loads on another number of ranks (DCP reshards). The
+course adds ``course.pt`` beside them: the run's configuration, its history and a SHA-256 of every
+file; the folder is written under a temporary name, then renamed, and the one it replaces is kept
+as ``previous.dcp``, exactly like the single files.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -31,6 +39,7 @@ from course_utils import loop
 from course_utils.launch import processes
 
 LATEST, PREVIOUS = "latest.pt", "previous.pt"
+LATEST_DCP, PREVIOUS_DCP, META = "latest.dcp", "previous.dcp", "course.pt"  # sharded runs
 # Settings that change the numbers: a checkpoint resumes only under the same ones. (The number of
 # workers does not: the global batch is the same arithmetic, to float32 rounding.)
 ARITHMETIC = ("model", "parallel", "batch_size", "lr", "seed", "optimizer", "augment")
@@ -98,6 +107,8 @@ def _pieces(part: loop.Role) -> tuple[list, list]:
 def save(directory: str | Path, part: loop.Role, step: int, history, config: dict) -> Path | None:
     """Save after ``step`` steps. Every rank calls it (a pipeline's stages are gathered on the main
     rank, a collective); the main rank writes and returns the path, the others None."""
+    if part.sharded:
+        return _save_sharded(Path(directory), part, step, history, config)
     weights, optim = _pieces(part)
     if not part.holds_all and dist.is_available() and dist.is_initialized():
         everything = [None] * dist.get_world_size() if part.is_main else None
@@ -160,7 +171,10 @@ def _sweep_temporary_files(directory: Path) -> None:
 
 
 def _read(path: Path) -> dict:
-    """Load and verify one checkpoint file (``weights_only``: a checkpoint can't run code)."""
+    """Load and verify one checkpoint file (``weights_only``: a checkpoint can't run code), or a
+    DCP folder's ``course.pt`` and the checksums of its files."""
+    if path.is_dir():
+        return _read_sharded(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated or scrambled: unreadable
@@ -179,7 +193,7 @@ def latest(directory: str | Path | None) -> tuple[dict | None, list[str]]:
     if directory is None or not Path(directory).is_dir():
         return None, []
     skipped = []
-    for name in (LATEST, PREVIOUS):
+    for name in (LATEST, LATEST_DCP, PREVIOUS, PREVIOUS_DCP):
         path = Path(directory) / name
         if path.exists():
             try:
@@ -216,6 +230,8 @@ def check(directory: str | Path | None, config: dict) -> tuple[dict | None, list
 def load_into(part: loop.Role, state: dict) -> None:
     """Copy this rank's share (whole tensors, or a stage's slices) of ``state`` into its
     parameters and optimizer."""
+    if part.sharded:
+        return _load_sharded(part, state["path"])
     for name, row, param in part.params:
         rows = slice(row, row + param.shape[0]) if param.dim() else slice(None)
         with torch.no_grad():
@@ -246,3 +262,86 @@ def _shard_like(whole: torch.Tensor, param, keep: bool = False):
 
 def _sliced(value, param) -> bool:
     return torch.is_tensor(value) and value.dim() == param.dim() and value.dim() > 0
+
+
+# --- sharded runs: torch.distributed.checkpoint ----------------------------------------------------
+
+
+def _save_sharded(directory: Path, part: loop.Role, step: int, history, config: dict):
+    """Every rank writes its shards of the model and optimizer into a temporary folder (DCP); the
+    main rank adds ``course.pt`` (configuration, history, the files' checksums) and renames the
+    folder to ``latest.dcp``, keeping the one it replaces as ``previous.dcp``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(part.model, part.optimizer)
+    tmp = directory / f".{LATEST_DCP}.step{step}.tmp"  # the same name on every rank
+    if part.is_main:
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob(f".{LATEST_DCP}.*.tmp"):  # left by a killed save
+            shutil.rmtree(stale, ignore_errors=True)
+    dist.barrier()
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
+    if not part.is_main:
+        return None
+    state = {
+        "config": dict(config),
+        "step": step,
+        "format": "dcp",
+        "files": {f.name: _file_sha256(f) for f in sorted(tmp.iterdir())},
+        "losses": list(history.losses),
+        "accuracies": list(history.accuracies),
+    }
+    state["sha256"] = checksum(state)
+    with open(tmp / META, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    latest = directory / LATEST_DCP
+    if latest.exists():
+        try:
+            _read(latest)
+            keep = directory / PREVIOUS_DCP
+        except CheckpointError:  # never let a corrupt folder push the good spare out
+            keep = directory / f"{LATEST_DCP}.corrupt"
+        shutil.rmtree(keep, ignore_errors=True)
+        os.replace(latest, keep)
+    os.replace(tmp, latest)
+    return latest
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_sharded(path: Path) -> dict:
+    meta = path / META
+    if not meta.is_file():
+        raise CheckpointError(f"{path.name} is not a checkpoint of this course (no {META})")
+    state = _read(meta)
+    for name, digest in state["files"].items():
+        if not (path / name).is_file() or _file_sha256(path / name) != digest:
+            raise CheckpointError(f"{path.name} is corrupt ({name} does not match its checksum)")
+    state["path"] = str(path)  # where the shards are (load_into reads them)
+    return state
+
+
+def _load_sharded(part: loop.Role, path: str) -> None:
+    """Every rank reads its shards, on however many ranks the checkpoint was saved (DCP
+    reshards: the metadata says where each piece of each tensor is)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(part.model, part.optimizer)  # the shapes to fill
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(
+        part.model,
+        part.optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+    )

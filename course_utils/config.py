@@ -28,9 +28,9 @@ class RunConfig:
     """One training run. Each field is a CLI flag (``batch_size`` → ``--batch-size``)."""
 
     model: str = "cnn"  # which network: "cnn", "rnn" (the article's, corrected), "transformer"
-    parallel: str = "none"  # strategy: "none", "ddp", "tp" (tensor parallel) or "pipeline"
+    parallel: str = "none"  # strategy: "none", "ddp", "fsdp", "tp" (tensor parallel), "pipeline"
     nproc: int = 1  # worker processes (replicas, tensor-parallel ranks or pipeline stages)
-    tp: int = 1  # with ddp: tensor-parallel ranks per replica (a 2-D mesh: nproc = dp x tp)
+    tp: int = 1  # with ddp or fsdp: tensor-parallel ranks per replica (2-D mesh: nproc = dp x tp)
     batch_size: int = 64  # global batch, summed over all workers
     steps: int = 100  # optimizer steps
     lr: float = 0.01  # learning rate
@@ -61,7 +61,7 @@ class RunConfig:
 
 CHOICES = {
     "model": sorted(models.MODELS),
-    "parallel": ["none", "ddp", "tp", "pipeline"],
+    "parallel": ["none", "ddp", "fsdp", "tp", "pipeline"],
     "optimizer": list(loop.OPTIMIZERS),
     "device": list(hardware.DEVICES),
     "schedule": ["gpipe", "1f1b", "interleaved1f1b"],
@@ -108,9 +108,9 @@ def parse(argv: list[str] | None = None, world_size: int | None = None) -> RunCo
     for name in PIPELINE_ONLY:
         if name in given and cfg.parallel != "pipeline":
             raise UsageError(f"{flag(name)} is for --parallel pipeline; this run is {cfg.parallel}")
-    if "tp" in given and cfg.parallel != "ddp":
+    if "tp" in given and cfg.parallel not in ("ddp", "fsdp"):
         raise UsageError(
-            f"--tp is for --parallel ddp (a data x tensor parallel mesh); this run is "
+            f"--tp is for --parallel ddp or fsdp (a data x tensor parallel mesh); this run is "
             f"{cfg.parallel} (--parallel tp splits every layer over all --nproc ranks)"
         )
     if world_size is not None and "nproc" in given and cfg.nproc != world_size:
@@ -153,8 +153,9 @@ def validate(cfg: RunConfig, local_workers: int | None = None) -> None:
             f"--parallel none runs one process; got --nproc {cfg.nproc} (use --parallel ddp)",
         ),
     ]
-    replicas = cfg.nproc // max(cfg.tp, 1) if cfg.parallel == "ddp" else 1
-    if cfg.parallel == "ddp" and cfg.nproc >= 1 and cfg.tp >= 1 and cfg.nproc % cfg.tp == 0:
+    replicas = cfg.nproc // max(cfg.tp, 1) if cfg.parallel in ("ddp", "fsdp") else 1
+    data_parallel = cfg.parallel in ("ddp", "fsdp")
+    if data_parallel and cfg.nproc >= 1 and cfg.tp >= 1 and cfg.nproc % cfg.tp == 0:
         checks.append(
             (
                 cfg.batch_size % replicas == 0,

@@ -1,6 +1,6 @@
-"""The numbers behind lesson 07's answers: memory per GPU under ZeRO / FSDP, the compute-to-
-communication ratio of data parallelism, and a small decision guide (data, pipeline or both)
-driven by the same alpha-beta cost model as lesson 04. Pure functions of numbers: no processes.
+"""The numbers behind the challenges lesson's answers: the compute-to-communication ratio of data
+parallelism, and a small decision guide (data, pipeline or both) driven by the same alpha-beta
+cost model as lesson 04 (memory under ZeRO / FSDP: :mod:`course_utils.sharding`). Pure functions of numbers: no processes.
 
 Units: bytes, seconds, floating-point operations (FLOPs). A training step costs about 3x the
 forward pass's FLOPs (the backward pass computes two gradients per layer, ~2x the forward).
@@ -15,48 +15,7 @@ import numpy as np
 
 from course_utils.collectives import ring_cost
 
-# Mixed-precision Adam, as in the ZeRO paper: fp16 weights (2 bytes) and gradients (2 bytes) per
-# parameter, plus K = 12 bytes of optimizer state (fp32 master weights, momentum and variance).
-PARAM_BYTES, GRAD_BYTES, ADAM_STATE_BYTES = 2, 2, 12
-ZERO_STAGES = {
-    0: "DDP: everything replicated",
-    1: "ZeRO-1: optimizer state sharded",
-    2: "ZeRO-2 / FSDP SHARD_GRAD_OP: + gradients sharded",
-    3: "ZeRO-3 / FSDP FULL_SHARD: + parameters sharded",
-}
 BACKWARD_FACTOR = 3.0  # forward + backward ≈ 3 x forward FLOPs
-
-
-def zero_memory_per_gpu(
-    num_params,
-    world_size,
-    stage: int,
-    param_bytes: float = PARAM_BYTES,
-    grad_bytes: float = GRAD_BYTES,
-    optimizer_bytes: float = ADAM_STATE_BYTES,
-):
-    """Bytes of model state (weights, gradients, optimizer state) per GPU under ZeRO ``stage``.
-
-    Rajbhandari et al., "ZeRO: Memory Optimizations Toward Training Trillion Parameter Models"
-    (2020), Figure 1: stage 0 keeps all of it on every GPU; stage 1 divides the optimizer state by
-    the world size N, stage 2 the gradients too, stage 3 (FSDP's full sharding) everything.
-    Activations and temporary buffers are not included. Scalars or arrays (broadcast)."""
-    if stage not in ZERO_STAGES:
-        raise ValueError(f"stage must be one of {sorted(ZERO_STAGES)}, got {stage}")
-    psi, n = np.asarray(num_params, dtype=float), np.asarray(world_size, dtype=float)
-    if np.any(n < 1):
-        raise ValueError(f"world_size must be at least 1, got {world_size}")
-    sharded = {
-        0: (0.0, 0.0, 0.0),
-        1: (0.0, 0.0, 1.0),
-        2: (0.0, 1.0, 1.0),
-        3: (1.0, 1.0, 1.0),
-    }[stage]  # which of (weights, gradients, optimizer state) are divided by N
-    total = 0.0
-    for part_bytes, is_sharded in zip((param_bytes, grad_bytes, optimizer_bytes), sharded):
-        total = total + psi * part_bytes / (n if is_sharded else 1.0)
-    total = np.broadcast_to(total, np.broadcast(psi, n).shape).copy()  # stage 0 ignores n
-    return float(total) if total.ndim == 0 else total
 
 
 def data_parallel_times(

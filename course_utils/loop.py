@@ -40,6 +40,7 @@ class Role:
     is_main: bool = True  # the rank that reports the results (and writes checkpoints)
     params: list = field(default_factory=list)  # (whole-model name, first row, parameter) each
     holds_all: bool = True  # False when the ranks hold slices of the model (pipeline stages)
+    sharded: bool = False  # FSDP shards: checkpoints go through torch.distributed.checkpoint
     info: dict = field(default_factory=dict)  # strategy-specific results (e.g. pipeline stages)
 
     def __post_init__(self):
@@ -108,7 +109,9 @@ def fit(
     A loss that is not finite stops the run (:class:`NonFiniteLoss`, naming the step: counted
     from ``first_step``, for a resumed run)."""
     history = History(batch_size=batch_size or 0)
-    device = next(model.parameters()).device
+    # where the batches go: the model's device (ZeRO-3's model holds no parameters: its shards')
+    first = next(model.parameters(), None)
+    device = (first if first is not None else optimizer.param_groups[0]["params"][0]).device
     model.train()
     bar = tqdm(total=num_steps, desc=desc, disable=not progress, leave=False)
     try:
@@ -250,13 +253,15 @@ def _cycle(X: torch.Tensor, y: torch.Tensor, batch_size: int):
 OPTIMIZERS = ("sgd", "adamw")  # the choices of --optimizer
 
 
-def make_optimizer(model: nn.Module, lr: float, kind: str = "sgd") -> torch.optim.Optimizer:
+def make_optimizer(model, lr: float, kind: str = "sgd") -> torch.optim.Optimizer:
     """The course's optimizers: SGD with momentum 0.9 everywhere by default (the article used
-    plain SGD), or AdamW (weight decay 0.05), which transformers train better with."""
+    plain SGD), or AdamW (weight decay 0.05), which transformers train better with. ``model``: a
+    module, or the tensors to train (ZeRO's shards)."""
+    params = model.parameters() if isinstance(model, nn.Module) else model
     if kind == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
     if kind == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {kind!r}")
 
 

@@ -242,7 +242,8 @@ def mesh(dp: int, tp: int, device_type: str = "cpu"):
 
 def role(cfg, me):
     """``--parallel tp`` (every rank one tensor-parallel slice of the model) or ``--parallel ddp
-    --tp T`` (``nproc / T`` replicas, each split over ``T`` ranks): this rank's
+    --tp T`` (``nproc / T`` replicas, each split over ``T`` ranks; with ``fsdp``, the replicas'
+    slices sharded again over the data-parallel ranks, FSDP2 on the mesh's "dp" axis): this rank's
     :class:`course_utils.loop.Role`, and a function that gathers the whole trained model on every
     rank (a collective). The ranks of a tensor-parallel group read the same batch; the replicas
     each read their slice, and average their gradients over the data-parallel group."""
@@ -257,8 +258,17 @@ def role(cfg, me):
     grid = mesh(dp_size, tp_size, me.device.type)
     model = models.build(cfg.model, seed=cfg.seed).to(me.device)  # same weights on every rank
     parallelize_module(model, grid["tp"], plan(model))  # now each rank holds its slices
+    sharded = cfg.parallel == "fsdp"  # and the slices sharded again over the replicas (FSDP2)
+    if sharded:
+        from course_utils import sharding
+
+        sharding.fully_sharded(model, grid["dp"])
     optimizer = loop.make_optimizer(model, cfg.lr, cfg.optimizer)
     dp_group = grid["dp"].get_group()
+    if sharded or dp_size == 1:  # FSDP averages the gradients itself
+        step_fn = loop.train_step
+    else:
+        step_fn = partial(ddp.hand_step, group=dp_group)
 
     def global_sum(stats: torch.Tensor) -> torch.Tensor:  # one copy per replica, not per rank
         dist.all_reduce(stats, group=dp_group)
@@ -270,11 +280,12 @@ def role(cfg, me):
         model=model,
         data_rank=grid["dp"].get_local_rank(),
         data_world_size=dp_size,
-        step_fn=partial(ddp.hand_step, group=dp_group) if dp_size > 1 else loop.train_step,
+        step_fn=step_fn,
         reduce=global_sum,
         is_main=me.is_main,
         params=[(name, 0, param) for name, param in model.named_parameters()],
         info={"mesh": {"dp": dp_size, "tp": tp_size}},
+        sharded=sharded,
     )
 
     def trained() -> nn.Module:

@@ -26,7 +26,17 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from course_utils import checkpoint, collectives, data, ddp, launch, loop, models, tensor_parallel
+from course_utils import (
+    checkpoint,
+    collectives,
+    data,
+    ddp,
+    launch,
+    loop,
+    models,
+    sharding,
+    tensor_parallel,
+)
 from course_utils.config import RunConfig, UsageError, parse, validate
 from course_utils.pipeline import worker as pipeline_worker
 
@@ -46,10 +56,10 @@ def role(cfg: RunConfig, me: launch.Worker) -> tuple[loop.Role, Callable[[], nn.
             return model
 
         return part, trained
-    if (
-        cfg.parallel == "tp" or cfg.tp > 1
-    ):  # layers split over ranks: see course_utils.tensor_parallel
+    if cfg.parallel == "tp" or cfg.tp > 1:  # layers split (and sharded): tensor_parallel
         return tensor_parallel.role(cfg, me)
+    if cfg.parallel == "fsdp":  # parameters, gradients, optimizer state sharded: ZeRO-3
+        return sharding.role(cfg, me)
     model = models.build(cfg.model, seed=cfg.seed).to(me.device)  # same weights on every rank
     optimizer = loop.make_optimizer(model, cfg.lr, cfg.optimizer)
     params = [(name, 0, param) for name, param in model.named_parameters()]  # the whole model
@@ -129,6 +139,7 @@ def train_worker(cfg: RunConfig, progress: bool = False, announce: bool = False)
     if not part.is_main:
         return None
     history = before + run
+    held = sharding.state_bytes([param for _, _, param in part.params], part.optimizer)
     result = {
         "losses": history.losses,
         "accuracies": history.accuracies,
@@ -136,6 +147,8 @@ def train_worker(cfg: RunConfig, progress: bool = False, announce: bool = False)
         "resumed_from_step": start_step,
         "backend": dist.get_backend() if dist.is_initialized() else "none",
         "device": str(me.device),
+        "state_bytes_per_rank": held["total"],  # parameters + gradients + optimizer, rank 0
+        "state_bytes": held,
         **part.info,
     }
     if cfg.eval:
@@ -160,8 +173,11 @@ def run(
         with loop.num_threads(cfg.threads_per_worker):
             result = train_worker(cfg, progress, announce)
     else:
+        # Under ``python -m`` this module is __main__, which a spawned worker can't import:
+        # hand the launcher the importable copy's train_worker (else workers fork, 1 thread).
+        importable = sys.modules[__name__] if __name__ != "__main__" else _importable_self()
         per_rank = launch.run(
-            train_worker,
+            importable.train_worker,
             cfg.nproc,
             cfg,
             progress,
@@ -175,6 +191,12 @@ def run(
     result = _complete(cfg, result)
     result["wall_s"] = time.perf_counter() - start
     return result
+
+
+def _importable_self():
+    import importlib
+
+    return importlib.import_module("course_utils.train")
 
 
 def _complete(cfg: RunConfig, result: dict) -> dict:

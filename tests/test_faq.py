@@ -1,73 +1,14 @@
-"""Lesson 07's numbers: ZeRO/FSDP memory (against the paper and against PyTorch's own FSDP), the
-compute-to-communication ratio, and the decision guide."""
+"""The challenges lesson's numbers: the compute-to-communication ratio and the decision guide
+(ZeRO/FSDP memory: tests/test_sharding.py)."""
 
 import math
 
 import numpy as np
 import pytest
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 
-from course_utils import collectives, data, faq, launch, models
+from course_utils import collectives, faq
 
 GB = 1e9
-FP32_ADAM = dict(param_bytes=4, grad_bytes=4, optimizer_bytes=8)  # weights, grads, Adam's m and v
-
-
-def test_zero_memory_matches_the_papers_example():
-    # ZeRO paper, Figure 1: 7.5B parameters, 64 GPUs, mixed-precision Adam (K = 12)
-    expected_gb = {0: 120.0, 1: 31.4, 2: 16.6, 3: 1.9}
-    for stage, gb in expected_gb.items():
-        assert faq.zero_memory_per_gpu(7.5e9, 64, stage) / GB == pytest.approx(gb, rel=0.02)
-
-
-def test_zero_memory_shrinks_with_each_stage_and_broadcasts():
-    world_sizes = [1, 2, 8, 64]
-    per_stage = [faq.zero_memory_per_gpu(1e9, world_sizes, stage) for stage in range(4)]
-    for a, b in zip(per_stage, per_stage[1:]):
-        assert (b <= a).all()
-    assert per_stage[3] == pytest.approx(per_stage[0] / np.array(world_sizes))  # all of it sharded
-    assert (per_stage[0] == per_stage[0][0]).all()  # plain DDP: world size does not help
-    with pytest.raises(ValueError):
-        faq.zero_memory_per_gpu(1e9, 8, stage=4)
-
-
-def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Bytes this process holds of weights, gradients and optimizer state (local shards only)."""
-    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731 (FSDP's DTensor)
-    tensors = [*model.parameters(), *(p.grad for p in model.parameters())]
-    tensors += [t for s in optimizer.state.values() for k, t in s.items() if k != "step"]
-    return sum(local(t).numel() * local(t).element_size() for t in tensors)
-
-
-def one_adam_step(shard: bool) -> tuple[int, int]:
-    """Build the CNN (sharded with FSDP2 when ``shard``), take one Adam step; return the
-    parameter count and this rank's bytes of state."""
-    model = models.build("cnn", seed=0)
-    num_params = models.count_parameters(model)
-    if shard:
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in (model.conv1, model.conv2, model.fc):
-            fully_shard(layer)
-        fully_shard(model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if shard else (0, 1)
-    X, y = data.mnist("train", limit=32)
-    X, y = X[rank::world_size], y[rank::world_size]
-    F.cross_entropy(model(X), y).backward()
-    optimizer.step()
-    return num_params, state_bytes(model, optimizer)
-
-
-def test_zero_memory_equals_what_pytorch_holds_unsharded_and_with_fsdp():
-    num_params, held = one_adam_step(shard=False)
-    assert held == faq.zero_memory_per_gpu(num_params, 1, stage=0, **FP32_ADAM)
-    per_rank = launch.run(one_adam_step, 2, True, timeout=120)  # FSDP2 full sharding = ZeRO-3
-    for num_params, held in per_rank:
-        expected = faq.zero_memory_per_gpu(num_params, 2, stage=3, **FP32_ADAM)
-        assert held == pytest.approx(expected, rel=1e-3)  # a shard may carry a little padding
 
 
 def test_compute_to_communication_ratio_grows_with_the_batch_per_worker():
@@ -180,7 +121,6 @@ def test_rank_steps_keeps_coinciding_ranks_visible():
 
 
 def test_attribution_and_code_figures_draw_what_they_are_given():
-    import numpy as np
 
     from course_utils import plots
 
