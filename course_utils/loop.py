@@ -257,11 +257,15 @@ def make_optimizer(model, lr: float, kind: str = "sgd") -> torch.optim.Optimizer
     """The course's optimizers: SGD with momentum 0.9 everywhere by default (the article used
     plain SGD), or AdamW (weight decay 0.05), which transformers train better with. ``model``: a
     module, or the tensors to train (ZeRO's shards)."""
-    params = model.parameters() if isinstance(model, nn.Module) else model
+    params = list(model.parameters() if isinstance(model, nn.Module) else model)
+    # foreach: one call per operation for all tensors together, not one per tensor (PyTorch
+    # picks it only on GPUs): on sharded DTensors (FSDP) every call costs a Python dispatch. It
+    # can't mix DTensors with plain tensors (tensor parallel leaves the norms whole).
+    foreach = len({hasattr(p, "device_mesh") for p in params}) <= 1
     if kind == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, foreach=foreach)
     if kind == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.05, foreach=foreach)
     raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {kind!r}")
 
 

@@ -81,18 +81,24 @@ def measurements(
     title: str | None = None,
     logx: bool = True,
     ax=None,
+    dodge: float = 0.0,
 ):
     """Measured points (dicts, e.g. a widget's results) as ``y`` against ``x``, one line per value
     of ``by``, points sorted along x; works with any subset of the settings measured so far. A
     point with ``{y}_min``/``{y}_max`` (and ``{y}_noisy``) keys, as
-    :meth:`course_utils.measure.Spread.as_dict` writes them, gets its error bar."""
+    :meth:`course_utils.measure.Spread.as_dict` writes them, gets its error bar. ``dodge``: shift
+    the lines sideways by this much (in octaves on a log axis), so equal points stay visible."""
     fig, ax = _axes(ax)
     groups: dict = {}
     for p in points:
         value = (p[y], p.get(f"{y}_min", p[y]), p.get(f"{y}_max", p[y]), p.get(f"{y}_noisy", False))
         groups.setdefault(p[by] if by else None, []).append((p[x], value))
-    for key in sorted(groups, key=lambda k: (k is None, k)):
+    keys = sorted(groups, key=lambda k: (k is None, k))
+    for i, key in enumerate(keys):
         xs, values = zip(*sorted(groups[key]))
+        if dodge:
+            shift = dodge * (i - (len(keys) - 1) / 2)
+            xs = [v * 2**shift if logx else v + shift for v in xs]
         _spread_line(ax, xs, values, label=f"{by} = {key}" if by else None)
     all_xs = sorted({p[x] for p in points})
     if logx and all_xs and min(all_xs) > 0:

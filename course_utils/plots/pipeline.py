@@ -148,7 +148,9 @@ def pipeline_speedups(
     if not points:
         ax.set_axis_off()
         return fig
-    measurements(points, x="microbatches", y="speedup", by=by, ax=ax, ylabel=ylabel, title=title)
+    measurements(
+        points, x="microbatches", y="speedup", by=by, ax=ax, ylabel=ylabel, title=title, dodge=0.08
+    )
     ms = sorted({r["microbatches"] for r in points})
     bounds = [sched.speedup_bound(num_stages, k) for k in ms]
     ax.plot(ms, bounds, "k--", marker="_", markersize=14, label="bound m·p/(m+p-1)")

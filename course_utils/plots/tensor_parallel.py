@@ -162,7 +162,7 @@ def tp_speedups(
     writes for ``speedup`` and, where measured, ``comm_share`` (in %). Medians with min-max bars;
     noisy points hollow."""
     if axes is None:
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+        fig, axes = plt.subplots(1, 2, figsize=(12, 5.0))
     fig = axes[0].figure
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     batches = sorted({p[by] for p in points})
@@ -219,8 +219,15 @@ def tp_speedups(
         if any_noisy[panel]:
             handles.append(plt.Line2D([], [], marker="o", mfc="white", mec="gray", ls="none", ms=9))
             labels.append("noisy: repeats > 20% apart")
-        if handles:
-            ax.legend(handles, labels, fontsize=8)
+        if handles:  # under the panel: inside, it covered the "ideal 2x" line
+            ax.legend(
+                handles,
+                labels,
+                fontsize=8,
+                loc="upper center",
+                bbox_to_anchor=(0.5, -0.14),
+                ncol=2,
+            )
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
