@@ -76,7 +76,7 @@ def _data_parallel(ax) -> None:
 
 def _task_parallel(ax) -> None:
     ax.set_title(
-        "task parallelism: independent jobs\n(this lesson; model parallel: 06, 07)", fontsize=10
+        "task parallelism: independent jobs\n(this lesson; model parallel: 06, 08)", fontsize=10
     )
     lrs = ("lr 0.003", "lr 0.01", "lr 0.03", "lr 0.1")
     for i, lr in enumerate(lrs):  # a queue of independent tasks, dealt round-robin
