@@ -36,6 +36,7 @@ _LAZY = {
     "faq",
     "interpret",
     "tensor_parallel",
+    "sharding",
 }
 
 # The one setting read from the environment: CI sets COURSE_FAST=1 so that every notebook runs

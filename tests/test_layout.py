@@ -17,7 +17,7 @@ MAX_LINES = 350  # "a file past ~300 lines is asking to be split" (STYLE.md)
 LAYERS = [
     {"hardware", "data", "models", "loop", "measure", "scaling", "interpret"},
     {"launch", "collectives", "checkpoint"},
-    {"ddp", "pipeline", "tensor_parallel", "faq"},
+    {"ddp", "sharding", "pipeline", "tensor_parallel", "faq"},
     {"config", "train"},
     {"plots"},
     {"widgets"},

@@ -1,119 +1,19 @@
-"""Sharded data parallel (lesson 07): ZeRO-1/2/3 written by hand, then PyTorch's FSDP2, the bytes
-each rank holds, and the formulas they are checked against.
-
-Data parallel keeps a whole copy of the parameters, the gradients and the optimizer state on every
-rank. ZeRO (Rajbhandari et al., 2020, arXiv:1910.02054) removes the copies: each of N ranks *owns*
-1/N of every parameter (its shard) and keeps only what it needs for that shard.
-
-- **ZeRO-1** shards the optimizer state. After backward, a ``reduce_scatter`` leaves on each rank
-  the summed gradient of its shard only; the rank updates its shard (its share of momentum or Adam's
-  moments is all it keeps); an ``all_gather`` of the new shards gives everyone the new parameters.
-  A reduce-scatter plus an all-gather move exactly the bytes of one ring all-reduce: no extra cost.
-- **ZeRO-2** shards the gradients too: each gradient is reduce-scattered the moment backward has
-  produced it (a hook), and the whole gradient is dropped. Same communication as ZeRO-1.
-- **ZeRO-3** shards the parameters: a layer's parameters are all-gathered just before the layer
-  runs and dropped right after; backward gathers them again when it needs them. 1.5x the
-  communication of DDP (an all-gather forward, one backward, a reduce-scatter), for 1/N of the state.
-
-PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``, :func:`fully_sharded`) is ZeRO-3 (or 2,
-with ``reshard_after_forward=False``) with parameters as sharded DTensors, prefetching of the next
-layer's all-gather and gradients reduce-scattered in buckets. It is ``--parallel fsdp``.
-
-Every optimizer the course uses (SGD with momentum, AdamW) works element by element, so updating
-shards is the same arithmetic as updating whole tensors: the tests check the losses step by step.
-"""
+"""ZeRO-1, 2 and 3 written by hand with two collectives (lesson 07): ``reduce_scatter`` of the
+gradients, each rank updating its shard, ``all_gather`` of the parameters; ZeRO-3 gathers a module's
+weights just before it runs and again in backward (autograd's saved-tensor hooks)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from contextlib import nullcontext
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-# --- the formulas ---------------------------------------------------------------------------------
-
-# Mixed-precision Adam, as in the ZeRO paper: fp16 weights (2 bytes) and gradients (2 bytes) per
-# parameter, plus K = 12 bytes of optimizer state (fp32 master weights, momentum and variance).
-PARAM_BYTES, GRAD_BYTES, ADAM_STATE_BYTES = 2, 2, 12
-ZERO_STAGES = {
-    0: "DDP: everything replicated",
-    1: "ZeRO-1: optimizer state sharded",
-    2: "ZeRO-2 / FSDP SHARD_GRAD_OP: + gradients sharded",
-    3: "ZeRO-3 / FSDP FULL_SHARD: + parameters sharded",
-}
-_SHARDED = {0: (0, 0, 0), 1: (0, 0, 1), 2: (0, 1, 1), 3: (1, 1, 1)}  # (weights, grads, optimizer)
-
-
-def _stage(stage: int) -> int:
-    if stage not in ZERO_STAGES:
-        raise ValueError(f"stage must be one of {sorted(ZERO_STAGES)}, got {stage}")
-    return stage
-
-
-def memory_per_rank(
-    num_params,
-    world_size,
-    stage: int,
-    param_bytes: float = PARAM_BYTES,
-    grad_bytes: float = GRAD_BYTES,
-    optimizer_bytes: float = ADAM_STATE_BYTES,
-):
-    """Bytes of model state (weights, gradients, optimizer state) per rank under ZeRO ``stage``.
-
-    The ZeRO paper's Figure 1: stage 0 keeps all of it on every rank; stage 1 divides the optimizer
-    state by the world size N, stage 2 the gradients too, stage 3 everything. Activations and
-    temporary buffers are not included. Scalars or arrays (broadcast)."""
-    psi, n = np.asarray(num_params, dtype=float), np.asarray(world_size, dtype=float)
-    if np.any(n < 1):
-        raise ValueError(f"world_size must be at least 1, got {world_size}")
-    total = 0.0
-    for part_bytes, is_sharded in zip(
-        (param_bytes, grad_bytes, optimizer_bytes), _SHARDED[_stage(stage)]
-    ):
-        total = total + psi * part_bytes / (n if is_sharded else 1.0)
-    total = np.broadcast_to(total, np.broadcast(psi, n).shape).copy()  # stage 0 ignores n
-    return float(total) if total.ndim == 0 else total
-
-
-def comm_per_rank(num_params, world_size, stage: int, bytes_per_value: float = 4) -> float:
-    """Bytes each rank sends per step under ZeRO ``stage`` with ring collectives: an all-reduce
-    (stage 0) or a reduce-scatter plus an all-gather (stages 1, 2) each send 2(N-1)/N of the
-    gradients' bytes; stage 3 gathers the weights twice (forward, backward): 3(N-1)/N."""
-    n = world_size
-    passes = 3 if _stage(stage) == 3 else 2
-    return passes * (n - 1) / n * num_params * bytes_per_value
-
-
-# --- the bytes a rank holds ------------------------------------------------------------------------
-
-
-def nbytes(tensor: torch.Tensor | None) -> int:
-    """Bytes this rank holds for ``tensor``: its local shard for a DTensor, 0 for None."""
-    if tensor is None:
-        return 0
-    if hasattr(tensor, "to_local"):
-        tensor = tensor.to_local()
-    return tensor.numel() * tensor.element_size()
-
-
-def state_bytes(params: Iterable[torch.Tensor], optimizer: torch.optim.Optimizer) -> dict:
-    """Parameters, gradients and optimizer state this rank holds now, in bytes (measured from the
-    tensors themselves: shards count as shards; gradients count when they exist)."""
-    params = list(params)
-    held = {
-        "parameters": sum(nbytes(p) for p in params),
-        "gradients": sum(nbytes(p.grad) for p in params),
-        "optimizer": sum(
-            nbytes(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)
-        ),
-    }
-    held["total"] = sum(held.values())
-    return held
-
+from course_utils.sharding.formulas import _stage, nbytes, state_bytes
 
 # --- ZeRO by hand ----------------------------------------------------------------------------------
 
@@ -276,8 +176,6 @@ class ZeRO:
         """Stage 3: what autograd saves for backward is checked as it is saved: a gathered weight
         (or a view of one) is replaced by a note to gather it again, so it can be freed."""
         if self.stage < 3:
-            from contextlib import nullcontext
-
             return nullcontext()
 
         def pack(tensor):
@@ -312,72 +210,3 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return ctx.zero.scatter(grad.contiguous()), None, None, None
-
-
-# --- FSDP2: PyTorch's sharded data parallel ----------------------------------------------------------
-
-
-def fsdp_units(model: nn.Module) -> list[nn.Module]:
-    """The modules :func:`fully_sharded` shards one by one: each is one all-gather before it runs
-    (and one reduce-scatter after its backward). A transformer's blocks; otherwise the model's
-    children that hold parameters. The root takes what is left (embeddings, the head)."""
-    if hasattr(model, "blocks"):
-        return list(model.blocks)
-    return [child for child in model.children() if any(True for _ in child.parameters())]
-
-
-def fully_sharded(model: nn.Module, mesh=None, reshard_after_forward: bool = True) -> nn.Module:
-    """``model`` sharded in place with FSDP2 (``fully_shard``) over ``mesh`` (default: every
-    rank): its parameters become DTensors, 1/N of each on each rank. ``reshard_after_forward``:
-    free a unit's gathered parameters after its forward (ZeRO-3; backward gathers them again) or
-    keep them until backward (ZeRO-2: less communication, more memory). FSDP2 also prefetches: it
-    starts the next unit's all-gather while the current one computes."""
-    from torch.distributed.fsdp import fully_shard
-
-    for unit in fsdp_units(model):
-        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    return model
-
-
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """An FSDP model's whole parameters on the CPU, on every rank (a collective)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
-    state = get_model_state_dict(model, options=options)
-    return {k: v.detach().cpu() for k, v in state.items()}
-
-
-def role(cfg, me):
-    """``--parallel fsdp``: this rank's :class:`course_utils.loop.Role` (the model sharded over
-    every rank, which each read their slice of the global batch, like DDP) and a function that
-    gathers the whole trained model (a collective; the model on the main rank, None elsewhere)."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from course_utils import collectives, loop, models
-
-    model = models.build(cfg.model, seed=cfg.seed).to(me.device)  # same weights on every rank
-    fully_sharded(model, init_device_mesh(me.device.type, (me.world_size,)))
-    optimizer = loop.make_optimizer(model, cfg.lr, cfg.optimizer)  # over the shards
-    part = loop.Role(
-        model,
-        optimizer,
-        model=model,
-        data_rank=me.rank,
-        data_world_size=me.world_size,
-        reduce=collectives.all_reduce_sum,
-        is_main=me.is_main,
-        params=[(name, 0, param) for name, param in model.named_parameters()],
-        sharded=True,  # checkpoints: torch.distributed.checkpoint, one file per rank
-    )
-
-    def trained() -> nn.Module | None:
-        state = full_state_dict(model)
-        if not me.is_main:
-            return None
-        whole = models.build(cfg.model)
-        whole.load_state_dict(state)
-        return whole
-
-    return part, trained

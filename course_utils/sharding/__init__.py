@@ -1,0 +1,54 @@
+"""Sharded data parallel (lesson 07): ZeRO-1/2/3 written by hand, then PyTorch's FSDP2, the bytes
+each rank holds, and the formulas they are checked against.
+
+Data parallel keeps a whole copy of the parameters, the gradients and the optimizer state on every
+rank. ZeRO (Rajbhandari et al., 2020, arXiv:1910.02054) removes the copies: each of N ranks *owns*
+1/N of every parameter (its shard) and keeps only what it needs for that shard.
+
+- **ZeRO-1** shards the optimizer state. After backward, a ``reduce_scatter`` leaves on each rank
+  the summed gradient of its shard only; the rank updates its shard (its share of momentum or Adam's
+  moments is all it keeps); an ``all_gather`` of the new shards gives everyone the new parameters.
+  A reduce-scatter plus an all-gather move exactly the bytes of one ring all-reduce: no extra cost.
+- **ZeRO-2** shards the gradients too: each gradient is reduce-scattered the moment backward has
+  produced it (a hook), and the whole gradient is dropped. Same communication as ZeRO-1.
+- **ZeRO-3** shards the parameters: a layer's parameters are all-gathered just before the layer
+  runs and dropped right after; backward gathers them again when it needs them. 1.5x the
+  communication of DDP (an all-gather forward, one backward, a reduce-scatter), for 1/N of the state.
+
+PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``, :func:`fully_sharded`) is ZeRO-3 (or 2,
+with ``reshard_after_forward=False``) with parameters as sharded DTensors, prefetching of the next
+layer's all-gather and gradients reduce-scattered in buckets. It is ``--parallel fsdp``.
+
+Every optimizer the course uses (SGD with momentum, AdamW) works element by element, so updating
+shards is the same arithmetic as updating whole tensors: the tests check the losses step by step.
+"""
+
+from course_utils.sharding.formulas import (
+    ADAM_STATE_BYTES,
+    GRAD_BYTES,
+    PARAM_BYTES,
+    ZERO_STAGES,
+    comm_per_rank,
+    memory_per_rank,
+    nbytes,
+    state_bytes,
+)
+from course_utils.sharding.fsdp import fsdp_units, full_state_dict, fully_sharded, role
+from course_utils.sharding.zero import Traffic, ZeRO
+
+__all__ = [
+    "ADAM_STATE_BYTES",
+    "GRAD_BYTES",
+    "PARAM_BYTES",
+    "ZERO_STAGES",
+    "Traffic",
+    "ZeRO",
+    "comm_per_rank",
+    "fsdp_units",
+    "full_state_dict",
+    "fully_sharded",
+    "memory_per_rank",
+    "nbytes",
+    "role",
+    "state_bytes",
+]
