@@ -37,6 +37,7 @@ _LAZY = {
     "interpret",
     "tensor_parallel",
     "sharding",
+    "profiling",
 }
 
 # The one setting read from the environment: CI sets COURSE_FAST=1 so that every notebook runs

@@ -45,6 +45,7 @@ class RunConfig:
     json: str | None = None  # write the results to this file
     checkpoint: str | None = None  # directory to save to and resume from
     checkpoint_every: int = 0  # save every K steps (0: only at the end)
+    profile: str | None = None  # folder for one torch.profiler trace per rank
     data_dir: str | None = None  # folder with the full MNIST (default: the bundled subset)
     oversubscribe: bool = False  # allow more than 4 workers per core (MAX_WORKERS_PER_CORE)
 
@@ -180,6 +181,7 @@ def validate(cfg: RunConfig, local_workers: int | None = None) -> None:
             raise UsageError(error)
     _check_writable("--json", cfg.json, folder=False)
     _check_writable("--checkpoint", cfg.checkpoint, folder=True)
+    _check_writable("--profile", cfg.profile, folder=True)
     try:
         checkpoint.check(cfg.checkpoint, cfg.record())
     except checkpoint.CheckpointError as err:

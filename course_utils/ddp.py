@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
+from torch.profiler import record_function
 
 from course_utils import data, launch, loop, models
 
@@ -54,11 +55,14 @@ def hand_step(
     """One data-parallel step written by hand; a drop-in ``step_fn`` for :func:`loop.fit`.
     ``group``: the data-parallel ranks (default: all of them)."""
     optimizer.zero_grad(set_to_none=True)
-    logits = model(X)  # (B / world_size, num_classes): this rank's shard only
-    loss = F.cross_entropy(logits, y)  # mean over the shard
-    loss.backward()
+    with record_function("forward"):
+        logits = model(X)  # (B / world_size, num_classes): this rank's shard only
+        loss = F.cross_entropy(logits, y)  # mean over the shard
+    with record_function("backward"):
+        loss.backward()
     average_gradients(model, group)  # mean of shard means = mean over the global batch
-    optimizer.step()
+    with record_function("optimizer"):
+        optimizer.step()
     return loss.detach(), (logits.argmax(dim=1) == y).sum()
 
 

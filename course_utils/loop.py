@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 
@@ -80,10 +81,13 @@ def train_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step: forward, loss, backward, update. Returns the (detached) loss and correct count."""
     optimizer.zero_grad(set_to_none=True)
-    logits = model(X)  # (B, num_classes)
-    loss = F.cross_entropy(logits, y)  # mean over this process's batch
-    loss.backward()
-    optimizer.step()
+    with record_function("forward"):  # named spans in a profiler's trace (--profile)
+        logits = model(X)  # (B, num_classes)
+        loss = F.cross_entropy(logits, y)  # mean over this process's batch
+    with record_function("backward"):
+        loss.backward()
+    with record_function("optimizer"):
+        optimizer.step()
     return loss.detach(), (logits.argmax(dim=1) == y).sum()
 
 

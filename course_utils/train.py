@@ -34,6 +34,7 @@ from course_utils import (
     launch,
     loop,
     models,
+    profiling,
     sharding,
     tensor_parallel,
 )
@@ -100,7 +101,13 @@ def train_worker(cfg: RunConfig, progress: bool = False, announce: bool = False)
     if state:  # continue the stopped run's history, so that the results hold every step
         before.losses, before.accuracies = list(state["losses"]), list(state["accuracies"])
 
+    recorder = None
+    if cfg.profile:  # a few steps of every rank into a trace (course_utils.profiling)
+        recorder = profiling.Recorder(cfg.profile, me.rank, cfg.steps - start_step).__enter__()
+
     def on_step(i: int, run: loop.History) -> None:
+        if recorder is not None:
+            recorder.step()
         done, every = start_step + i + 1, cfg.checkpoint_every
         if cfg.checkpoint and (done == cfg.steps or (every and done % every == 0)):
             # every rank takes part (a pipeline's stages are gathered); the main rank writes
@@ -133,6 +140,15 @@ def train_worker(cfg: RunConfig, progress: bool = False, announce: bool = False)
         on_step=on_step,
         first_step=start_step,
     )
+    profile = None
+    if recorder is not None:
+        profile = profiling.summary(recorder.stop(), recorder.active)
+        if dist.is_initialized():  # every rank's summary, for the main rank's report
+            everyone = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, profile)
+            profile = everyone
+        else:
+            profile = [profile]
     if cfg.checkpoint and dist.is_initialized():
         dist.barrier()  # nobody leaves (and no restart reads) before the main rank has saved
     model = trained() if cfg.eval else None  # every rank takes part (a pipeline gathers)
@@ -150,6 +166,7 @@ def train_worker(cfg: RunConfig, progress: bool = False, announce: bool = False)
         "state_bytes_per_rank": held["total"],  # parameters + gradients + optimizer, rank 0
         "state_bytes": held,
         **part.info,
+        **({"profile": profile} if profile else {}),
     }
     if cfg.eval:
         X_test, y_test = data.mnist("test", data_dir=cfg.data_dir)
@@ -253,6 +270,10 @@ def report(cfg: RunConfig, result: dict) -> None:
     if "test_accuracy" in result:
         summary += f", test accuracy {result['test_accuracy']:.2%}"
     print(summary)
+    for rank, s in enumerate(result.get("profile", [])):
+        print(f"profile: {profiling.line(rank, s)}")
+    if cfg.profile:
+        print(f"profile: traces in {cfg.profile} (open them at https://ui.perfetto.dev)")
     if cfg.json:
         write_json(cfg.json, result)
 

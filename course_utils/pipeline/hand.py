@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from course_utils.pipeline.schedules import Event
 
@@ -50,11 +51,12 @@ def step(
                 dist.recv(x, src=rank - 1, tag=i)  # the previous stage's activation
                 x.requires_grad_()
             start = time.perf_counter()
-            out = stage(x)  # (mb, *out_shape)
-            if last:
-                correct += (out.argmax(dim=1) == ys[i]).sum()
-                out = F.cross_entropy(out, ys[i]) / num_microbatches  # its share of the mean
-                loss_sum += out.detach()
+            with record_function("forward"):
+                out = stage(x)  # (mb, *out_shape)
+                if last:
+                    correct += (out.argmax(dim=1) == ys[i]).sum()
+                    out = F.cross_entropy(out, ys[i]) / num_microbatches  # its share of the mean
+                    loss_sum += out.detach()
             if events is not None:
                 events.append(Event(rank, "F", i, start, time.perf_counter()))
             if not last:
@@ -67,7 +69,8 @@ def step(
                 grad = torch.empty(mb, *out_shape, device=X.device)
                 dist.recv(grad, src=rank + 1, tag=i)  # d loss / d (our output)
             start = time.perf_counter()
-            outputs.pop(i).backward(grad)  # frees this microbatch's activations
+            with record_function("backward"):
+                outputs.pop(i).backward(grad)  # frees this microbatch's activations
             if events is not None:
                 events.append(Event(rank, "B", i, start, time.perf_counter()))
             x = inputs.pop(i)

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from course_utils.pipeline.schedules import Event
 
@@ -61,9 +62,12 @@ class TorchPipeline:
         """Wrap the stage's per-microbatch forward/backward to record Events when asked."""
 
         def timed(kind, fn):
+            name = {"F": "forward", "B": "backward"}[kind]
+
             def wrapper(i, *args, **kwargs):
                 start = time.perf_counter()
-                out = fn(i, *args, **kwargs)
+                with record_function(name):  # a named span in a profiler's trace
+                    out = fn(i, *args, **kwargs)
                 if self.events is not None:
                     self.events.append(Event(rank, kind, i, start, time.perf_counter()))
                 return out

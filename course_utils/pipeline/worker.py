@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.profiler import record_function
 
 from course_utils import checkpoint, data, launch, loop, models
 from course_utils.pipeline import hand, stages
@@ -130,7 +131,8 @@ class Pipeline:
                 self.out_shape,
                 self.events,
             )
-        optimizer.step()
+        with record_function("optimizer"):
+            optimizer.step()
         return loss, correct
 
     def reduce(self, stats: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from course_utils.sharding.formulas import _stage, nbytes, state_bytes
 
@@ -107,15 +108,18 @@ class ZeRO:
         new parameters are gathered (stages 1, 2; stage 3 gathers them in the next forward)."""
         self.optimizer.zero_grad(set_to_none=True)
         self.model.zero_grad(set_to_none=True)
-        logits = self(X)
-        loss = F.cross_entropy(logits, y)
-        loss.backward()  # stage 2 and 3: shards' gradients are filled during backward
+        with record_function("forward"):
+            logits = self(X)
+            loss = F.cross_entropy(logits, y)
+        with record_function("backward"):
+            loss.backward()  # stage 2 and 3: shards' gradients are filled during backward
         if self.stage == 1:  # ZeRO-1 keeps whole gradients, and reduce-scatters them now
             for module, name, *_, shard in self.owned:
                 grad = module._parameters[name].grad.view(-1)
                 mine = grad[self.rank * shard.numel() :][: shard.numel()]  # the shard's part
                 shard.grad = mine.copy_(self.scatter(grad, shard.numel()))
-        self.optimizer.step()  # each rank updates 1/N of every parameter
+        with record_function("optimizer"):
+            self.optimizer.step()  # each rank updates 1/N of every parameter
         if self.stage < 3:  # every rank's updated shard, to every rank
             with torch.no_grad():
                 for module, name, shape, numel, shard in self.owned:

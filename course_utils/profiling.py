@@ -1,0 +1,182 @@
+"""Seeing inside a parallel run: ``torch.profiler`` traces, one per rank, and what they say.
+
+Every training step of the course is labelled with ``record_function`` ("forward", "backward",
+"optimizer"; a pipeline's steps per microbatch), so a trace shows the phases of each rank. The
+collectives show up by themselves: gloo runs them on its own threads as ``gloo:all_reduce``,
+``gloo:broadcast`` ... events (NCCL as ``nccl...`` kernels on the GPU). From a trace,
+:func:`summary` measures per step:
+
+- **compute**: the time inside forward, backward and the optimizer on the rank's main thread;
+- **communication**: the time some collective was running (the union of their intervals);
+- **overlap**: the share of the communication that ran while backward computed (DDP's buckets
+  start all-reducing before backward ends: lesson 05), hidden rather than added to the step.
+
+:class:`Recorder` is what ``--profile DIR`` uses: it profiles a few steps after a warm-up and writes
+``DIR/trace_rank<r>.json`` (Chrome / Perfetto format: open it at https://ui.perfetto.dev or in
+chrome://tracing), memory events included. :func:`events` reads a trace back for drawing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function, schedule
+
+PHASES = ("forward", "backward", "optimizer")
+COMMUNICATION = ("gloo:", "nccl")  # prefixes of collective events (lower case)
+
+__all__ = ["PHASES", "Recorder", "events", "label", "summary", "trace_path"]
+
+label = record_function  # ``with label("forward"): ...``: a named span in every trace
+
+
+def trace_path(directory: str | Path, rank: int) -> Path:
+    return Path(directory) / f"trace_rank{rank}.json"
+
+
+class Recorder:
+    """Profile steps ``warmup .. warmup + active - 1`` of a run on this rank; call :meth:`step`
+    after every training step and :meth:`stop` at the end. The trace is written when the active
+    steps are done (or at :meth:`stop`, if the run was shorter)."""
+
+    def __init__(self, directory: str | Path, rank: int, num_steps: int, active: int = 3):
+        self.path = trace_path(directory, rank)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        warmup = 1 if num_steps > active + 1 else 0  # the first step builds buffers: skip it
+        self.active = max(1, min(active, num_steps - warmup))
+        activities = [ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(ProfilerActivity.CUDA)
+        self.written = False
+        with warnings.catch_warnings():  # "won't be using warmup": a short run has no spare step
+            warnings.simplefilter("ignore", UserWarning)
+            self.profiler = profile(
+                activities=activities,
+                schedule=schedule(wait=0, warmup=warmup, active=self.active, repeat=1),
+                on_trace_ready=self._write,
+                profile_memory=True,
+            )
+
+    def _write(self, prof) -> None:
+        prof.export_chrome_trace(str(self.path))
+        self.written = True
+
+    def __enter__(self) -> Recorder:
+        with _quiet_stderr():
+            self.profiler.start()
+        return self
+
+    def step(self) -> None:
+        with _quiet_stderr():  # the schedule starts and stops the recording inside step()
+            self.profiler.step()
+
+    def stop(self) -> Path:
+        with _quiet_stderr():
+            self.profiler.stop()  # writes the trace if the schedule had not finished
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@contextmanager
+def _quiet_stderr():
+    """PyTorch's profiler library prints lines to the process's stderr (file descriptor 2, out
+    of Python's reach) whenever it starts and stops recording, and a warning about memory
+    allocated before it started; every rank of every run would show three. They go to /dev/null
+    while the profiler changes state."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def events(path: str | Path) -> list[dict]:
+    """The complete events (``"ph": "X"``) of a Chrome trace: name, ts and dur (microseconds),
+    tid, cat; and its memory counter events (``[memory]``, ``Total Allocated`` in bytes)."""
+    trace = json.loads(Path(path).read_text())
+    out = []
+    for e in trace["traceEvents"]:
+        if e.get("ph") == "X" or e.get("name") == "[memory]":
+            out.append(e)
+    return out
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[list[float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(a, b) for a, b in merged]
+
+
+def _length(intervals) -> float:
+    return sum(b - a for a, b in intervals)
+
+
+def _intersection(a, b) -> float:
+    total, i, j = 0.0, 0, 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        total += max(0.0, hi - lo)
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def is_communication(name: str) -> bool:
+    return name.lower().startswith(COMMUNICATION)
+
+
+def summary(path: str | Path, steps: int | None = None) -> dict:
+    """Seconds per step of compute, of communication, and the share of the communication that
+    overlapped backward, from one rank's trace. ``steps``: how many steps the trace holds
+    (default: the number of "optimizer" spans, at least 1)."""
+    complete = [e for e in events(path) if e.get("ph") == "X"]
+    spans = {phase: [] for phase in PHASES}
+    comm = []
+    for e in complete:
+        interval = (e["ts"], e["ts"] + e.get("dur", 0))
+        if e["name"] in spans and e.get("cat") == "user_annotation":
+            spans[e["name"]].append(interval)
+        elif is_communication(e["name"]):
+            comm.append(interval)
+    steps = steps or max(1, len(spans["optimizer"]))
+    compute = _union([i for phase in PHASES for i in spans[phase]])
+    comm, backward = _union(comm), _union(spans["backward"])
+    comm_us = _length(comm)
+    return {
+        "steps": steps,
+        "compute_s": _length(compute) / 1e6 / steps,
+        "communication_s": comm_us / 1e6 / steps,
+        "overlap": _intersection(comm, backward) / comm_us if comm_us else 0.0,
+        "collectives": len(comm),
+    }
+
+
+def line(rank: int, s: dict) -> str:
+    """One readable line of a rank's :func:`summary`."""
+    text = (
+        f"rank {rank}: compute {s['compute_s'] * 1e3:.1f} ms/step, communication "
+        f"{s['communication_s'] * 1e3:.1f} ms/step"
+    )
+    if s["communication_s"] > 0:
+        text += f" ({s['overlap']:.0%} of it during backward)"
+    return text

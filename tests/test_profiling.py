@@ -1,0 +1,97 @@
+"""--profile DIR: one torch.profiler trace per rank, with the step's phases and the collectives in
+it, and a summary (compute, communication, overlap) that reads the trace right."""
+
+import json
+
+import pytest
+
+import course_utils as cu
+from course_utils import profiling
+from course_utils.config import RunConfig, UsageError
+
+
+def write_trace(path, events):
+    path.write_text(json.dumps({"traceEvents": events}))
+    return path
+
+
+def span(name, ts, dur, cat="user_annotation", tid=1):
+    return {"ph": "X", "name": name, "ts": ts, "dur": dur, "cat": cat, "tid": tid}
+
+
+def test_the_summary_measures_compute_communication_and_overlap(tmp_path):
+    events = [
+        span("forward", 0, 100),
+        span("backward", 100, 200),
+        span("optimizer", 300, 50),
+        span("forward", 1000, 100),
+        span("backward", 1100, 200),
+        span("optimizer", 1300, 50),
+        # an all-reduce half inside backward, half after it; one entirely after
+        span("gloo:all_reduce", 250, 100, cat="cpu_op", tid=7),
+        span("gloo:all_reduce", 1400, 100, cat="cpu_op", tid=7),
+        span("aten::mm", 10, 50, cat="cpu_op"),  # inside forward: not counted twice
+    ]
+    s = profiling.summary(write_trace(tmp_path / "t.json", events))
+    assert s["steps"] == 2
+    assert s["compute_s"] == pytest.approx(350e-6)  # (100 + 200 + 50) us per step
+    assert s["communication_s"] == pytest.approx(100e-6)
+    assert s["overlap"] == pytest.approx(50 / 200)
+    assert s["collectives"] == 2
+
+
+@pytest.mark.parametrize(
+    "parallel, nproc, collective",
+    [
+        ("none", 1, None),
+        ("ddp", 2, "gloo:all_reduce"),
+        ("fsdp", 2, "gloo:all_gather"),
+        ("tp", 2, "gloo:all_reduce"),
+        ("pipeline", 2, "gloo:"),
+    ],
+)
+def test_every_strategy_writes_one_trace_per_rank_with_its_collectives(
+    tmp_path, parallel, nproc, collective
+):
+    folder = tmp_path / "traces"
+    cfg = RunConfig(
+        model="transformer",
+        parallel=parallel,
+        nproc=nproc,
+        steps=5,
+        batch_size=32,
+        profile=str(folder),
+    )
+    result = cu.train.run(cfg, progress=False)
+    assert sorted(p.name for p in folder.iterdir()) == [f"trace_rank{r}.json" for r in range(nproc)]
+    assert len(result["profile"]) == nproc
+    for rank in range(nproc):
+        events = profiling.events(profiling.trace_path(folder, rank))
+        names = {e["name"] for e in events}
+        assert {"forward", "backward", "optimizer"} <= names
+        summary = result["profile"][rank]
+        assert summary["compute_s"] > 0 and 0 <= summary["overlap"] <= 1
+        if collective is None:
+            assert summary["communication_s"] == 0
+        else:
+            assert any(n.startswith(collective) for n in names)
+            assert summary["communication_s"] > 0
+        assert any(e["name"] == "[memory]" for e in events)  # memory over time (the profiling lesson)
+
+
+def test_the_cli_prints_one_summary_line_per_rank(cli, tmp_path):
+    proc = cli(
+        "--model", "cnn", "--parallel", "ddp", "--nproc", "2", "--steps", "6",
+        "--profile", str(tmp_path / "p"),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("profile: rank")]
+    assert len(lines) == 2 and all("during backward" in line for line in lines)
+    assert "USDT" not in proc.stderr and "profiler_start" not in proc.stderr
+
+
+def test_a_profile_folder_that_cannot_be_written_is_refused_before_training(tmp_path):
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    with pytest.raises(UsageError, match="--profile"):
+        cu.train.run(RunConfig(model="cnn", steps=2, profile=str(afile)), progress=False)
