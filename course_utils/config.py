@@ -40,7 +40,7 @@ class RunConfig:
     threads: int | None = None  # torch threads per worker; default cores // nproc, at least 1
     device: str = "auto"  # "cpu", "cuda", or "auto": a GPU per worker when there are enough
     microbatches: int = 4  # pipeline only: microbatches per global batch
-    schedule: str = "gpipe"  # pipeline only: "gpipe", "1f1b" or "interleaved1f1b"
+    schedule: str = "gpipe"  # pipeline: gpipe, 1f1b, interleaved1f1b, zbv or dualpipev
     eval: bool = False  # report test accuracy at the end
     json: str | None = None  # write the results to this file
     checkpoint: str | None = None  # directory to save to and resume from
@@ -65,7 +65,7 @@ CHOICES = {
     "parallel": ["none", "ddp", "fsdp", "tp", "pipeline"],
     "optimizer": list(loop.OPTIMIZERS),
     "device": list(hardware.DEVICES),
-    "schedule": ["gpipe", "1f1b", "interleaved1f1b"],
+    "schedule": ["gpipe", "1f1b", "interleaved1f1b", "zbv", "dualpipev"],
 }
 PIPELINE_ONLY = ("microbatches", "schedule")
 

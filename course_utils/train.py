@@ -166,7 +166,7 @@ def train_worker(cfg: RunConfig, progress: bool = False, announce: bool = False)
         "state_bytes_per_rank": held["total"],  # parameters + gradients + optimizer, rank 0
         "state_bytes": held,
         **part.info,
-        **({"profile": profile} if profile else {}),
+        **({"profile_summary": profile} if profile else {}),
     }
     if cfg.eval:
         X_test, y_test = data.mnist("test", data_dir=cfg.data_dir)
@@ -270,7 +270,7 @@ def report(cfg: RunConfig, result: dict) -> None:
     if "test_accuracy" in result:
         summary += f", test accuracy {result['test_accuracy']:.2%}"
     print(summary)
-    for rank, s in enumerate(result.get("profile", [])):
+    for rank, s in enumerate(result.get("profile_summary", [])):
         print(f"profile: {profiling.line(rank, s)}")
     if cfg.profile:
         print(f"profile: traces in {cfg.profile} (open them at https://ui.perfetto.dev)")

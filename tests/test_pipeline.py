@@ -357,3 +357,42 @@ def test_interleaved_1f1b_equals_one_process():
     )
     assert "2 stages per worker" in worker.config_error("rnn", 2, 32, 4, "interleaved1f1b")
     assert worker.config_error("cnn", 2, 32, 4, "interleaved1f1b") is None
+
+
+@pytest.mark.parametrize("schedule", worker.V_SCHEDULES)
+def test_zero_bubble_v_schedules_equal_one_process(schedule):
+    # 4 stages on 2 ranks in a V: rank 0 holds stages 0 and 3 (the loss), rank 1 stages 1 and 2
+    batch_size, m = 32, 4
+    model = cu.models.build("transformer", seed=0)
+    X, y = cu.data.mnist("train")
+    X, y = next(cu.data.batches(cu.models.prepare_input("transformer", X), y, batch_size, 1, 0))
+    loss = F.cross_entropy(model(X), y)
+    loss.backward()
+    results = cu.launch.run(
+        one_step, 2, "transformer", [2, 1, 1, 2], m, schedule, "torch", 32, threads=1
+    )
+    assert results[0][0] == pytest.approx(loss.item(), rel=1e-5)  # rank 0 holds the last stage
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(results[0][1][k], p.grad, rtol=1e-4, atol=1e-6)
+    for rank, (_, _, events) in enumerate(results):
+        kinds = [(e.kind, e.microbatch) for e in events]
+        for i in range(m):  # each microbatch forward and backward on both of this rank's stages
+            assert kinds.count(("F", i)) == 2 and kinds.count(("B", i)) == 2
+        assert all(e.stage == rank for e in events)
+    weights = [e for _, _, events in results for e in events if e.kind == "W"]
+    if schedule == "zbv":  # its backward is split: the weights' gradients run as steps of their own
+        assert len(weights) == 2 * 2 * m
+    assert "2 stages per worker" in worker.config_error("cnn", 3, 36, 6, schedule)
+    assert "--microbatches >= 2 x --nproc" in worker.config_error("transformer", 2, 32, 2, schedule)
+
+
+@pytest.mark.parametrize("schedule", ["zbv", "dualpipev"])
+def test_the_cli_runs_the_v_schedules_like_one_process(schedule):
+    from course_utils.config import RunConfig
+
+    common = dict(model="transformer", steps=3, batch_size=32)
+    one = cu.train.run(RunConfig(**common), progress=False)
+    cfg = RunConfig(**common, parallel="pipeline", nproc=2, schedule=schedule, microbatches=4)
+    piped = cu.train.run(cfg, progress=False)
+    assert piped["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    assert len(piped["stages"]) == 4

@@ -64,12 +64,12 @@ def test_every_strategy_writes_one_trace_per_rank_with_its_collectives(
     )
     result = cu.train.run(cfg, progress=False)
     assert sorted(p.name for p in folder.iterdir()) == [f"trace_rank{r}.json" for r in range(nproc)]
-    assert len(result["profile"]) == nproc
+    assert len(result["profile_summary"]) == nproc
     for rank in range(nproc):
         events = profiling.events(profiling.trace_path(folder, rank))
         names = {e["name"] for e in events}
         assert {"forward", "backward", "optimizer"} <= names
-        summary = result["profile"][rank]
+        summary = result["profile_summary"][rank]
         assert summary["compute_s"] > 0 and 0 <= summary["overlap"] <= 1
         if collective is None:
             assert summary["communication_s"] == 0

@@ -26,7 +26,9 @@ Op = tuple[str, int]  # ("F" or "B", microbatch)
 
 @dataclass(frozen=True)
 class Event:
-    """One piece of work on the timeline: ``kind`` ("F"/"B") of ``microbatch`` on ``stage``."""
+    """One piece of work on the timeline: ``kind`` of ``microbatch`` on ``stage``: "F" forward,
+    "B" backward (of the inputs only, when a zero-bubble schedule splits it), "W" the weights'
+    gradients of a split backward."""
 
     stage: int
     kind: str

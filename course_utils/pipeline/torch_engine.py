@@ -1,7 +1,8 @@
 """``torch.distributed.pipelining`` as the course's second pipeline engine (lesson 06).
 
-:class:`TorchPipeline` holds this rank's ``PipelineStage`` (or stages, for the interleaved
-schedule) and its ``ScheduleGPipe``, ``Schedule1F1B`` or ``ScheduleInterleaved1F1B``. It
+:class:`TorchPipeline` holds this rank's ``PipelineStage`` (or stages, for the interleaved and
+V schedules) and its ``ScheduleGPipe``, ``Schedule1F1B``, ``ScheduleInterleaved1F1B``,
+``ScheduleZBVZeroBubble`` or ``ScheduleDualPipeV``. It
 back-propagates the unscaled microbatch means and then divides the gradients by ``m``
 (``scale_grads=True``): the same gradients as the hand-written engine
 (:mod:`course_utils.pipeline.hand`). When given a list, it records an :class:`Event` per forward
@@ -44,11 +45,13 @@ class TorchPipeline:
             "gpipe": pipelining.ScheduleGPipe,
             "1f1b": pipelining.Schedule1F1B,
             "interleaved1f1b": pipelining.ScheduleInterleaved1F1B,
+            "zbv": pipelining.ScheduleZBVZeroBubble,  # backward split: inputs' grads, then W's
+            "dualpipev": pipelining.ScheduleDualPipeV,
         }[schedule]
         # loss_fn: mean over each microbatch; scale_grads=True then divides the summed
         # gradients by num_microbatches: the gradient of the batch mean.
         self.schedule = kind(
-            self.stages if schedule == "interleaved1f1b" else self.stages[0],
+            self.stages if len(self.stages) > 1 else self.stages[0],
             n_microbatches=num_microbatches,
             loss_fn=F.cross_entropy,
         )
@@ -62,7 +65,7 @@ class TorchPipeline:
         """Wrap the stage's per-microbatch forward/backward to record Events when asked."""
 
         def timed(kind, fn):
-            name = {"F": "forward", "B": "backward"}[kind]
+            name = {"F": "forward", "B": "backward", "W": "backward"}[kind]
 
             def wrapper(i, *args, **kwargs):
                 start = time.perf_counter()
@@ -76,6 +79,8 @@ class TorchPipeline:
 
         stage.forward_one_chunk = timed("F", stage.forward_one_chunk)
         stage.backward_one_chunk = timed("B", stage.backward_one_chunk)
+        # zero-bubble schedules: B computes the inputs' gradients only, W the weights' later
+        stage.backward_weight_one_chunk = timed("W", stage.backward_weight_one_chunk)
 
     def step(self, X: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One batch through the pipeline (no optimizer step); mean loss and correct count."""

@@ -30,7 +30,9 @@ from course_utils.pipeline.torch_engine import TorchPipeline
 
 ENGINES = ("hand", "torch")
 # torch.distributed.pipelining runs one more: several smaller stages per rank, taken in turn.
-TORCH_SCHEDULES = (*SCHEDULES, "interleaved1f1b")
+V_SCHEDULES = ("zbv", "dualpipev")  # two stages per rank in a V: rank r holds r and 2p-1-r
+MULTI_STAGE = ("interleaved1f1b", *V_SCHEDULES)  # schedules with several stages per rank
+TORCH_SCHEDULES = (*SCHEDULES, *MULTI_STAGE)
 
 
 def config_error(
@@ -64,6 +66,17 @@ def config_error(
         rounds = max(1, microbatches // nproc)  # torch's condition for its interleaved rounds
         if microbatches % rounds:
             return f"--schedule interleaved1f1b: --microbatches {microbatches} is not a multiple of {rounds}"
+    if schedule in V_SCHEDULES:
+        if most < 2 * nproc:
+            return (
+                f"--schedule {schedule} needs 2 stages per worker: the {model} has {most} units "
+                f"for {nproc} workers"
+            )
+        if microbatches < 2 * nproc:
+            return (
+                f"--schedule {schedule} needs --microbatches >= 2 x --nproc (its stages), got "
+                f"{microbatches} < {2 * nproc}"
+            )
     if schedule == "1f1b" and microbatches < nproc:
         return f"--schedule 1f1b needs --microbatches >= --nproc (stages), got {microbatches} < {nproc}"
     return None
@@ -91,10 +104,11 @@ class Pipeline:
         self.model = models.build(name, seed=seed)  # the full model, same weights on every rank
         pieces = stages.split(name, self.model, sizes)
         self.torch = None
-        if schedule == "interleaved1f1b":  # several stages per rank: rank, rank + p, ...
+        self.last_rank = 0 if schedule in V_SCHEDULES else self.num_stages - 1  # holds the loss
+        if schedule in MULTI_STAGE:  # several stages per rank
             if engine != "torch":
-                raise ValueError("the interleaved schedule runs with engine='torch' only")
-            indices = list(range(self.rank, len(pieces), self.num_stages))
+                raise ValueError(f"the {schedule} schedule runs with engine='torch' only")
+            indices = rank_stages(schedule, self.rank, self.num_stages, len(pieces))
             self.stage = nn.ModuleList([pieces[i] for i in indices]).to(me.device)
             self.torch = TorchPipeline(
                 list(self.stage), indices, len(pieces), schedule, num_microbatches, me.device
@@ -137,7 +151,7 @@ class Pipeline:
 
     def reduce(self, stats: torch.Tensor) -> torch.Tensor:
         """Metrics are known on the last stage: every rank takes its copy."""
-        dist.broadcast(stats, src=self.num_stages - 1)
+        dist.broadcast(stats, src=self.last_rank)
         return stats
 
     def role(self) -> loop.Role:
@@ -181,8 +195,22 @@ def measured_plan(name: str, num_stages: int, microbatch_size: int, seed: int = 
     return answer[0]
 
 
+def rank_stages(schedule: str, rank: int, num_ranks: int, num_stages: int) -> list[int]:
+    """The stages a rank holds: its own; interleaved, every p-th (rank, rank + p, ...); in a V
+    (ZBV, DualPipeV), stage ``rank`` going down and ``2p - 1 - rank`` coming back, so that rank
+    0 holds both the first and the last stage."""
+    if schedule in V_SCHEDULES:
+        return [rank, 2 * num_ranks - 1 - rank]
+    if schedule == "interleaved1f1b":
+        return list(range(rank, num_stages, num_ranks))
+    return [rank]
+
+
 def virtual_stages(name: str, num_ranks: int, schedule: str) -> int:
-    """Stages in all: one per rank, or for the interleaved schedule as many per rank as fit."""
+    """Stages in all: one per rank; two per rank in a V; for the interleaved schedule as many
+    per rank as fit."""
+    if schedule in V_SCHEDULES:
+        return 2 * num_ranks
     if schedule != "interleaved1f1b":
         return num_ranks
     return stages.max_stages(name) // num_ranks * num_ranks
