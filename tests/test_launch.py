@@ -6,12 +6,14 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 import torch
 import torch.distributed as dist
 from conftest import ROOT, workers_left
 
+import course_utils as cu
 from course_utils import hardware, launch
 from course_utils.launch import runner
 from course_utils.loop import num_threads
@@ -137,3 +139,24 @@ def test_workers_wanting_threads_after_the_parent_used_openmp_do_not_hang(monkey
 
         with pytest.warns(UserWarning, match="must run with 1 thread"):
             assert launch.run(in_a_notebook, 1, threads=2, init_group=False, timeout=60) == [1]
+
+
+def skips_a_collective() -> None:
+    tensor = torch.ones(3)
+    if dist.get_rank() == 0:
+        dist.all_reduce(tensor)  # waits for rank 1, which never comes
+    else:
+        time.sleep(60)  # the bug: rank 1 skipped the collective
+
+
+def test_a_timeout_says_where_each_late_rank_was_stuck():
+    start = time.monotonic()
+    with pytest.raises(cu.launch.LaunchTimeout) as caught:
+        cu.launch.run(skips_a_collective, 2, timeout=3, device="cpu")
+    assert time.monotonic() - start < 15  # seconds, not gloo's 30 minutes
+    message = str(caught.value)
+    rank0, rank1 = message.split("--- rank 1 was here ---")
+    assert "in all_reduce" in rank0 and "in skips_a_collective" in rank0
+    assert "in skips_a_collective" in rank1 and "all_reduce" not in rank1
+    assert "child_main" not in message  # the launcher's own frames are left out
+    assert set(caught.value.stacks) == {0, 1}  # every thread's stack, for whoever wants them

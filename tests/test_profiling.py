@@ -76,7 +76,9 @@ def test_every_strategy_writes_one_trace_per_rank_with_its_collectives(
         else:
             assert any(n.startswith(collective) for n in names)
             assert summary["communication_s"] > 0
-        assert any(e["name"] == "[memory]" for e in events)  # memory over time (the profiling lesson)
+        assert any(
+            e["name"] == "[memory]" for e in events
+        )  # memory over time (the profiling lesson)
 
 
 def test_the_cli_prints_one_summary_line_per_rank(cli, tmp_path):
@@ -95,3 +97,42 @@ def test_a_profile_folder_that_cannot_be_written_is_refused_before_training(tmp_
     afile.write_text("x")
     with pytest.raises(UsageError, match="--profile"):
         cu.train.run(RunConfig(model="cnn", steps=2, profile=str(afile)), progress=False)
+
+
+def test_the_timeline_draws_each_span_in_its_rank_and_lane():
+    import matplotlib.pyplot as plt
+
+    from course_utils.plots import profiling as drawing
+
+    traces = {
+        0: [span("forward", 1000, 2000), span("gloo:all_reduce", 2500, 500, cat="cpu_op")],
+        1: [span("backward", 1500, 1000), span("aten::mm", 1500, 10, cat="cpu_op")],
+    }
+    fig = drawing.trace_timeline(traces)
+    bars = fig.axes[0].patches
+    assert len(bars) == 3  # aten::mm is neither a phase nor a collective
+    starts = sorted((round(b.get_x(), 3), round(b.get_width(), 3)) for b in bars)
+    assert starts == [(0.0, 2.0), (0.5, 1.0), (1.5, 0.5)]  # ms from the first span of all
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels == [
+        "rank 0, compute",
+        "rank 0, communication",
+        "rank 1, compute",
+        "rank 1, communication",
+    ]
+    plt.close(fig)
+
+
+def test_the_memory_timeline_draws_allocated_bytes_over_time():
+    import matplotlib.pyplot as plt
+
+    from course_utils.plots import profiling as drawing
+
+    def memory(ts, allocated):
+        return {"name": "[memory]", "ts": ts, "args": {"Total Allocated": allocated}}
+
+    fig = drawing.memory_timeline({"DDP": [memory(0, 0), memory(1000, 2**20), memory(3000, 0)]})
+    (line,) = fig.axes[0].lines
+    assert list(line.get_xdata()) == [0, 1, 3] and list(line.get_ydata()) == [0, 1, 0]
+    assert fig.axes[0].get_legend().get_texts()[0].get_text() == "DDP"
+    plt.close(fig)

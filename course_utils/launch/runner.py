@@ -38,6 +38,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
+import signal
 import socket
 import sys
 import threading
@@ -70,7 +71,13 @@ class WorkerError(RuntimeError):
 
 
 class LaunchTimeout(TimeoutError):
-    """The workers did not all finish within the launch's timeout; they were stopped."""
+    """The workers did not all finish within the launch's timeout; they were stopped. Before
+    that, each late worker dumped its Python stack (``faulthandler``): ``stacks[rank]`` holds
+    every thread's, and the message shows where each late rank's main thread was waiting."""
+
+    def __init__(self, message: str, stacks: dict[int, str] | None = None):
+        super().__init__(message)
+        self.stacks = stacks or {}
 
 
 def start_method() -> str:
@@ -233,6 +240,7 @@ def run(
                         "store": str(meeting / "store"),
                         "init_group": init_group,
                         "group_timeout": group_timeout,
+                        "stack_file": str(meeting / f"stack{rank}.txt"),  # dumped on SIGUSR1
                     }
                     reader, writer = ctx.Pipe(duplex=False)
                     p = ctx.Process(
@@ -245,7 +253,7 @@ def run(
                     writer.close()  # the child holds the writing end now
                     procs.append(p)
                     readers[reader] = rank
-            return _collect(procs, readers, timeout)
+            return _collect(procs, readers, timeout, meeting)
         finally:
             _stop(procs)
             for reader in readers:
@@ -260,8 +268,9 @@ def _cores_of(rank: int, threads: int, nproc: int) -> list[int] | None:
     return cores[rank * threads : (rank + 1) * threads]
 
 
-def _collect(procs: list, readers: dict, timeout: float) -> list:
-    """Wait for every rank's message; raise on the first error, a silent death, or the timeout."""
+def _collect(procs: list, readers: dict, timeout: float, meeting=None) -> list:
+    """Wait for every rank's message; raise on the first error, a silent death, or the timeout
+    (with the late ranks' stacks, from the files in ``meeting``)."""
     results: dict[int, object] = {}
     sentinels = {p.sentinel: rank for rank, p in enumerate(procs)}
     pending = dict(readers)
@@ -270,8 +279,14 @@ def _collect(procs: list, readers: dict, timeout: float) -> list:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             late = sorted(pending.values())
+            stacks = _stacks(procs, late, meeting)
+            where = "".join(
+                f"\n--- rank {rank} was here ---\n{_main_thread(stacks[rank])}" for rank in stacks
+            )
             raise LaunchTimeout(
                 f"ranks {late} had not finished after {timeout:.0f} s; all workers were stopped"
+                + where,
+                stacks,
             )
         ready = wait(
             list(pending) + [s for s, r in sentinels.items() if r in pending.values()],
@@ -299,6 +314,33 @@ def _collect(procs: list, readers: dict, timeout: float) -> list:
             ).poll(0):
                 raise _died(procs[sentinels[obj]], sentinels[obj])
     return [results[rank] for rank in range(len(procs))]
+
+
+def _stacks(procs: list, ranks: list[int], meeting) -> dict[int, str]:
+    """Ask each of ``ranks`` for its Python stack (SIGUSR1: ``faulthandler`` writes every
+    thread's to the rank's file in the meeting folder) and read them."""
+    if meeting is None or not hasattr(signal, "SIGUSR1"):
+        return {}
+    for rank in ranks:
+        if procs[rank].is_alive():
+            os.kill(procs[rank].pid, signal.SIGUSR1)
+    stacks, deadline = {}, time.monotonic() + 2.0
+    while len(stacks) < len(ranks) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        for rank in ranks:
+            text = (meeting / f"stack{rank}.txt").read_text() if rank not in stacks else ""
+            if "most recent call first" in text:
+                stacks[rank] = text
+    return stacks
+
+
+def _main_thread(dump: str) -> str:
+    """The block of a faulthandler dump for the thread that took the signal: the main one."""
+    blocks = dump.strip().split("\n\n")
+    current = [b for b in blocks if b.startswith("Current thread")]
+    lines = (current or blocks)[0].splitlines()
+    cut = next((i for i, line in enumerate(lines) if line.endswith(" in child_main")), None)
+    return "\n".join(lines[:cut])  # the launcher's own frames below the worker's code: left out
 
 
 def _reader_of(pending: dict, rank: int):

@@ -150,6 +150,21 @@ def _die_with_parent() -> None:
             pass
 
 
+_stack_file = None  # kept open for faulthandler, which writes to it from a signal handler
+
+
+def _dump_stack_on_signal(path: str | None) -> None:
+    """On SIGUSR1, write every thread's Python stack to ``path``: the launcher asks a worker
+    that is still running at its timeout where it is stuck (a skipped collective, a deadlock)."""
+    global _stack_file
+    if path is None or not hasattr(signal, "SIGUSR1"):
+        return
+    import faulthandler
+
+    _stack_file = open(path, "w")  # noqa: SIM115 (open for the life of the process)
+    faulthandler.register(signal.SIGUSR1, file=_stack_file, all_threads=True)
+
+
 def child_main(fn, args, kwargs, setup: dict, conn) -> None:
     """Body of each worker process that :func:`course_utils.launch.run` starts: set up, run
     ``fn``, send ("ok"|"error", payload) through ``conn``, exit.
@@ -162,6 +177,7 @@ def child_main(fn, args, kwargs, setup: dict, conn) -> None:
     if setup.get("cores"):  # pinned: these cores, and no others
         os.sched_setaffinity(0, setup["cores"])
     _launched_kind = setup["kind"]  # what cu.launch.worker() answers in this process
+    _dump_stack_on_signal(setup.get("stack_file"))
     status, payload = "ok", None
     try:
         if setup["init_group"]:

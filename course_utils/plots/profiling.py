@@ -1,0 +1,103 @@
+"""Figures of the profiling lesson, drawn from ``torch.profiler`` traces (offline, no browser):
+each rank's timeline of forward, backward, optimizer and communication, and memory over time."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+
+from course_utils.plots.core import _axes
+
+__all__ = ["memory_timeline", "trace_timeline"]
+
+PHASE_COLORS = {"forward": "tab:blue", "backward": "tab:orange", "optimizer": "tab:green"}
+COMM_COLOR = "tab:red"
+
+
+def _is_comm(name: str) -> bool:
+    return name.lower().startswith(("gloo:", "nccl"))
+
+
+def trace_timeline(
+    traces: Mapping[int, Sequence[dict]],
+    title: str | None = None,
+    ax=None,
+):
+    """Each rank's trace (``{rank: course_utils.profiling.events(path)}``) as two lanes: the
+    phases of its steps (forward, backward, optimizer: the ``record_function`` spans) and the
+    collectives running on gloo's (or NCCL's) threads. Times in ms from the first event of all
+    ranks (one clock: the processes share a machine)."""
+    fig, ax = _axes(ax, figsize=(11, 1.4 + 1.1 * len(traces)))
+    spans = []
+    for rank, events in traces.items():
+        for e in events:
+            if e.get("ph") != "X":
+                continue
+            if e["name"] in PHASE_COLORS and e.get("cat") == "user_annotation":
+                spans.append((rank, 0, e, PHASE_COLORS[e["name"]]))
+            elif _is_comm(e["name"]):
+                spans.append((rank, 1, e, COMM_COLOR))
+    if not spans:
+        ax.text(0.5, 0.5, "no spans in these traces", ha="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return fig
+    t0 = min(e["ts"] for _, _, e, _ in spans)
+    ticks, labels = [], []
+    for rank in sorted(traces):
+        for lane, name in ((0, "compute"), (1, "communication")):
+            ticks.append(-(2.2 * rank + lane))
+            labels.append(f"rank {rank}, {name}")
+    for rank, lane, e, color in spans:
+        y = -(2.2 * rank + lane)
+        ax.barh(y, e["dur"] / 1e3, left=(e["ts"] - t0) / 1e3, height=0.8, color=color, lw=0)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in PHASE_COLORS.values()]
+    handles.append(plt.Rectangle((0, 0), 1, 1, color=COMM_COLOR))
+    ax.legend(
+        handles,
+        [*PHASE_COLORS, "collective (gloo / NCCL)"],
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.25),
+        ncol=4,
+        fontsize=9,
+    )
+    ax.set_yticks(ticks, labels)
+    ax.set_xlabel("time (ms)")
+    ax.set_title(title or "What each rank did, step by step (from its profiler trace)")
+    fig.tight_layout()
+    return fig
+
+
+def memory_timeline(
+    traces: Mapping[str, Sequence[dict]],
+    title: str | None = None,
+    ax=None,
+):
+    """Bytes allocated over time from each trace's ``[memory]`` events (``profile_memory=True``):
+    one line per label, e.g. ``{"DDP, rank 0": events, "FSDP, rank 0": events}``; each line's
+    time from its own first event. The allocations made before the profiler started are not
+    seen, so the lines start near zero: what they show is what a step adds and frees."""
+    fig, ax = _axes(ax, figsize=(9, 4))
+    for label, events in traces.items():
+        points = [
+            (e["ts"], e["args"]["Total Allocated"])
+            for e in events
+            if e.get("name") == "[memory]" and "Total Allocated" in e.get("args", {})
+        ]
+        if not points:
+            continue
+        points.sort()
+        t0 = points[0][0]
+        ax.step(
+            [(t - t0) / 1e3 for t, _ in points],
+            [b / 2**20 for _, b in points],
+            where="post",
+            label=label,
+        )
+    ax.set_xlabel("time (ms)")
+    ax.set_ylabel("MiB allocated (since the trace began)")
+    ax.set_title(title or "Memory over the profiled steps")
+    if ax.lines:
+        ax.legend(fontsize=9)
+    fig.tight_layout()
+    return fig
