@@ -58,11 +58,14 @@ def main() -> None:
     for name in args.models.split(","):
         batch = args.transformer_batch_size if name == "transformer" else args.batch_size
         runs: dict[tuple, dict] = {}
+        names = schedules.SCHEDULES + (worker.V_SCHEDULES if name == "transformer" else ())
         for _ in range(args.repeats):
-            for schedule in schedules.SCHEDULES:
+            for schedule in names:
                 for m in MICROBATCHES:
                     if worker.config_error(name, NUM_STAGES, batch, m, schedule):
                         continue  # 1F1B needs m >= p in torch.distributed.pipelining
+                    if schedule in worker.V_SCHEDULES and args.engine != "torch":
+                        continue
                     # The baselines right before each run: a busy machine slows them all alike.
                     whole = worker.one_process_throughput(name, batch, 1, args.steps)
                     pieces = worker.one_process_throughput(name, batch, 1, args.steps, 0, m)
@@ -122,6 +125,11 @@ def main() -> None:
                 f"(formula {r['formula_bubble']:.2f})",
                 flush=True,
             )
+    measured = set(args.models.split(","))
+    previous = RESULTS / "pipeline.json"
+    if previous.exists():  # keep the rows of the models not measured this time
+        kept = json.loads(previous.read_text()).get("rows", [])
+        rows = [r for r in kept if r["model"] not in measured] + rows
     out = {
         "machine": f"{platform.machine()}, {cu.hardware.num_cores()} cores",
         "num_stages": NUM_STAGES,

@@ -60,10 +60,14 @@ def ddp_rows(d: dict) -> list[str]:
 def pipeline_rows(d: dict) -> list[str]:
     out = []
     for model in ("cnn", "rnn", "transformer"):
-        for schedule in ("1f1b", "gpipe"):
+        for schedule in ("1f1b", "gpipe", "zbv", "dualpipev"):
             rows = [r for r in d["rows"] if r["model"] == model and r["schedule"] == schedule]
             if not rows:
                 continue
+            v = schedule in (
+                "zbv",
+                "dualpipev",
+            )  # 2 stages per worker: 1F1B's bound as the yardstick
             cells = ", ".join(
                 f"m={r['microbatches']}: {_x(r['speedup'])} ({r['fraction_of_bound']:.0%}"
                 + (
@@ -74,9 +78,11 @@ def pipeline_rows(d: dict) -> list[str]:
                 for r in rows
             )
             batch = rows[0].get("batch_size", d["batch_size"])
+            layout = "2 workers × 2 stages in a V" if v else "2 stages"
+            bound = "1F1B's bound" if v else "the bound m·p/(m+p−1)"
             out.append(
-                f"| {model.upper()} pipeline, 2 stages, {schedule}, batch {batch}, speedup over "
-                f"1 process (% of the bound m·p/(m+p−1)) (`bench_pipeline.py`) | {cells} |"
+                f"| {model.upper()} pipeline, {layout}, {schedule}, batch {batch}, speedup over "
+                f"1 process (% of {bound}) (`bench_pipeline.py`) | {cells} |"
             )
     return out
 
@@ -91,6 +97,18 @@ def tp_rows(d: dict) -> list[str]:
     return [
         "| transformer, tensor parallel on 2 ranks × 1 thread vs 1 process × 1 thread, each "
         f"pinned to a core (median of {d['repeats']}, `bench_tp.py`) | {cells} |"
+    ]
+
+
+def sharding_rows(d: dict) -> list[str]:
+    sent = ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in d["bytes_sent_per_step"].items())
+    return [
+        f"| transformer + AdamW, fsdp vs ddp on 2 workers × 1 thread, batch {d['batch_size']} "
+        f"(median of {d['repeats']}, `bench_sharding.py`) | state per rank "
+        f"{d['state_share']:.2f} of DDP's ({d['state_bytes']['fsdp']['total'] / 1e6:.2f} MB vs "
+        f"{d['state_bytes']['ddp']['total'] / 1e6:.2f} MB); throughput "
+        f"{_x(d['fsdp_over_ddp'])} of DDP's ({d['fsdp_over_ddp_min']:.2f}–"
+        f"{d['fsdp_over_ddp_max']:.2f}); sent per rank and step: {sent} |"
     ]
 
 
@@ -191,6 +209,7 @@ def main() -> None:
         "pipeline": (pipeline_rows, figure_pipeline),
         "collectives": (collectives_rows, figure_collectives),
         "tp": (tp_rows, None),
+        "sharding": (sharding_rows, None),
         "widgets": (widget_rows, None),
     }
     for name, (table, figure) in sources.items():

@@ -194,3 +194,25 @@ def test_bad_fsdp_settings_are_one_line():
         cu.train.run(RunConfig(model="cnn", parallel="fsdp", nproc=3, batch_size=32))
     with pytest.raises(UsageError, match="no tensor-parallel plan"):
         cu.train.run(RunConfig(model="cnn", parallel="fsdp", nproc=2, tp=2))
+
+
+def test_zero1_gradient_shards_sit_where_the_shards_do():
+    # a weight of 15 values on 2 ranks: shards of 8 and 7; rank 1's starts at value 8, not 7
+    def worker():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(5, 3)
+        zero = sharding.ZeRO(model, 1, partial(torch.optim.SGD, lr=0.0))
+        X, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 1])
+        rank = dist.get_rank()
+        zero.train_step(model, zero.optimizer, X[rank::2], y[rank::2])
+        return [s.grad.clone() for s in zero.shards]
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    X = torch.randn(4, 5)
+    torch.nn.functional.cross_entropy(model(X), torch.tensor([0, 1, 2, 1])).backward()
+    shards = cu.launch.run(worker, 2, device="cpu")
+    whole = model.weight.grad.view(-1)
+    assert whole.abs().min() > 0  # every value has a gradient to misplace
+    torch.testing.assert_close(shards[0][0], whole[:8])
+    torch.testing.assert_close(shards[1][0], whole[8:])

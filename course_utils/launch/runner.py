@@ -321,17 +321,15 @@ def _stacks(procs: list, ranks: list[int], meeting) -> dict[int, str]:
     thread's to the rank's file in the meeting folder) and read them."""
     if meeting is None or not hasattr(signal, "SIGUSR1"):
         return {}
-    for rank in ranks:
-        if procs[rank].is_alive():
-            os.kill(procs[rank].pid, signal.SIGUSR1)
+    for rank in (r for r in ranks if procs[r].is_alive()):
+        os.kill(procs[rank].pid, signal.SIGUSR1)
     stacks, deadline = {}, time.monotonic() + 2.0
     while len(stacks) < len(ranks) and time.monotonic() < deadline:
         time.sleep(0.05)
-        for rank in ranks:
-            text = (meeting / f"stack{rank}.txt").read_text() if rank not in stacks else ""
-            if "most recent call first" in text:
+        for rank in set(ranks) - set(stacks):
+            if "most recent call first" in (text := (meeting / f"stack{rank}.txt").read_text()):
                 stacks[rank] = text
-    return stacks
+    return dict(sorted(stacks.items()))
 
 
 def _main_thread(dump: str) -> str:

@@ -8,9 +8,11 @@ own grid) and returns the figure; importing this package changes no global matpl
 - :mod:`~course_utils.plots.diagrams` and :mod:`~course_utils.plots.scaling_laws`: lesson 03;
 - :mod:`~course_utils.plots.communication`: lesson 04; :mod:`~course_utils.plots.data_parallel`:
   lesson 05; :mod:`~course_utils.plots.pipeline`: lesson 06; :mod:`~course_utils.plots.faq`:
-  lesson 07;
+  lesson 09;
+- :mod:`~course_utils.plots.sharding`: lesson 07 (memory per rank under ZeRO, traffic by stage);
 - :mod:`~course_utils.plots.tensor_parallel`: lesson 08 (Megatron's split, a device mesh, the
-  measured tensor-parallel speedup and communication share).
+  measured tensor-parallel speedup and communication share);
+- :mod:`~course_utils.plots.profiling`: the profiling lesson (timelines and memory from traces).
 """
 
 from course_utils.plots.communication import *  # noqa: F403
@@ -20,5 +22,7 @@ from course_utils.plots.diagrams import *  # noqa: F403
 from course_utils.plots.faq import *  # noqa: F403
 from course_utils.plots.measured import *  # noqa: F403
 from course_utils.plots.pipeline import *  # noqa: F403
+from course_utils.plots.profiling import *  # noqa: F403
 from course_utils.plots.scaling_laws import *  # noqa: F403
+from course_utils.plots.sharding import *  # noqa: F403
 from course_utils.plots.tensor_parallel import *  # noqa: F403

@@ -5,15 +5,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
+import numpy as np
 
 from course_utils.plots.core import _axes
 from course_utils.plots.measured import _noisy_legend, measurements
 
-__all__ = ["gantt", "bubble", "pipeline_speedups", "pipeline_panel"]
+__all__ = ["gantt", "bubble", "schedule_bubbles", "pipeline_speedups", "pipeline_panel"]
 
 
 def _field(event, name: str):
     return event[name] if isinstance(event, dict) else getattr(event, name)
+
+
+def _row(event) -> int:
+    """The timeline row of an event: its rank where it carries one (the V schedules), else its
+    stage (which is the rank of a measured multi-stage run)."""
+    rank = event.get("rank") if isinstance(event, dict) else getattr(event, "rank", None)
+    return _field(event, "stage") if rank is None else rank
 
 
 def gantt(
@@ -22,29 +30,40 @@ def gantt(
     unit: str = "ms",
     num_stages: int | None = None,
     ax=None,
-    row_label: str = "stage",
+    row_label: str | None = None,
 ):
     """A pipeline timeline: one row per stage, a bar per forward (blue) and backward (orange) of
-    each microbatch, its number inside; idle time is the white space (the bubble). ``events``:
-    objects or dicts with stage, kind ("F"/"B"), microbatch, start, end (seconds, or slots with
-    ``unit="slot"``). ``row_label`` names the rows: ``"stage"``, or ``"rank"`` where each row is a
-    worker holding several stages (interleaved 1F1B records the rank in ``stage``)."""
+    each microbatch, its number inside; a split backward's weight-gradient step ("W") in green,
+    its input-gradient step ("B") orange; idle time is the white space (the bubble). ``events``:
+    objects or dicts with stage, kind ("F"/"B"/"W"), microbatch, start, end (seconds, or slots
+    with ``unit="slot"``), and optionally rank. ``row_label`` names the rows: ``"stage"``, or
+    ``"rank"`` where each row is a worker holding several stages (interleaved 1F1B records the
+    rank in ``stage``; simulated V schedules carry a rank, drawn by row, their way back hatched);
+    by default "rank" when the events carry ranks."""
     fig, ax = _axes(ax, figsize=(9, 2.6))
     scale = {"ms": 1e3, "s": 1.0, "slot": 1.0}[unit]
-    stages = [_field(e, "stage") for e in events]
-    num_stages = num_stages or (max(stages) + 1 if stages else 1)
+    rows = [_row(e) for e in events]
+    num_stages = num_stages or (max(rows) + 1 if rows else 1)
+    ranked = any(_row(e) != _field(e, "stage") for e in events)  # several stages per row
+    row_label = row_label or ("rank" if ranked else "stage")
     end = max((_field(e, "end") for e in events), default=1.0) * scale
-    colors = {"F": "tab:blue", "B": "tab:orange"}
-    for e in events:
+    colors = {"F": "tab:blue", "B": "tab:orange", "W": "tab:green"}
+    for e, row in zip(events, rows):
         start, width = _field(e, "start") * scale, (_field(e, "end") - _field(e, "start")) * scale
-        kind, stage = _field(e, "kind"), _field(e, "stage")
+        kind, back = _field(e, "kind"), ranked and _field(e, "stage") >= num_stages
         ax.barh(
-            stage, width, left=start, height=0.8, color=colors.get(kind, "gray"), edgecolor="white"
+            row,
+            width,
+            left=start,
+            height=0.8,
+            color=colors.get(kind, "gray"),
+            edgecolor="white",
+            hatch="///" if back else None,  # the V's way back: the rank's second stage
         )
         if width > end / 60:  # label bars wide enough to read
             ax.text(
                 start + width / 2,
-                stage,
+                row,
                 str(_field(e, "microbatch")),
                 ha="center",
                 va="center",
@@ -55,15 +74,18 @@ def gantt(
     ax.set_ylim(num_stages - 0.5, -0.5)  # stage 0 on top, as data flows downwards
     ax.set_xlim(0, end * 1.01)
     ax.set(xlabel="time slot" if unit == "slot" else f"time ({unit})", title=title)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
+    split = any(_field(e, "kind") == "W" for e in events)
+    labels = {"F": "forward", "B": "backward: input (B)" if split else "backward"}
+    if split:
+        labels["W"] = "backward: weights (W)"
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[k]) for k in labels]
+    names = list(labels.values())
+    if ranked:
+        handles.append(plt.Rectangle((0, 0), 1, 1, fc="white", ec="gray", hatch="///"))
+        names.append("way back (2nd stage)")
     # beside the rows, not over them: a legend inside would hide bars
     ax.legend(
-        handles,
-        ["forward", "backward"],
-        loc="upper left",
-        bbox_to_anchor=(1.005, 1.0),
-        borderaxespad=0,
-        fontsize=8,
+        handles, names, loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0, fontsize=8
     )
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
@@ -122,6 +144,45 @@ def bubble(
     ax.set_xticks(list(microbatches), [str(m) for m in microbatches])
     ax.set(xlabel="microbatches m", ylabel="idle share of stage time", title=title, ylim=(0, 1))
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    return fig
+
+
+def schedule_bubbles(
+    schedules: Sequence[str],
+    formula: dict[str, float],
+    simulated: dict[str, float],
+    measured: dict,
+    title: str | None = None,
+    ax=None,
+):
+    """The bubble of each schedule three ways, side by side: with equal stages and F = B = W
+    (``formula``: the formula, or the simulation where there is none), simulated from measured
+    costs with free messages (``simulated``), and ``measured`` (a number or a
+    :class:`course_utils.measure.Spread`: its median, with a min-max bar; a schedule missing
+    from it is marked "not run")."""
+    fig, ax = _axes(ax, figsize=(8, 3.6))  # the legend sits beside the axes
+    x, width = np.arange(len(schedules)), 0.27
+    ax.bar(x - width, [formula[s] for s in schedules], width, color="C0", label="equal costs")
+    ax.bar(x, [simulated[s] for s in schedules], width, color="C1", label="simulated")
+    top = max([*formula.values(), *simulated.values()])
+    drawn = False
+    for i, s in enumerate(schedules):
+        v = measured.get(s)
+        if v is None:
+            ax.text(
+                x[i] + width, 0.01, "not run", rotation=90, ha="center", va="bottom", fontsize=8
+            )
+            continue
+        mid, low, high = (float(getattr(v, k, v)) for k in ("median", "low", "high"))
+        ax.bar(x[i] + width, mid, width, color="C2", label=None if drawn else "measured")
+        if high > low:
+            ax.errorbar(x[i] + width, mid, yerr=[[mid - low], [high - mid]], fmt="none", ecolor="k")
+        drawn, top = True, max(top, high)
+    ax.set_xticks(x, list(schedules))
+    ax.set(ylabel="idle share of a rank's step", title=title, ylim=(0, min(1.0, 1.15 * top)))
+    ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     return fig

@@ -16,6 +16,11 @@ from torch.profiler import record_function
 
 from course_utils.sharding.formulas import _stage, nbytes, state_bytes
 
+# PyTorch 2.13 renamed the two single-tensor collectives (the old names warn); older versions
+# have only the old ones
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 # --- ZeRO by hand ----------------------------------------------------------------------------------
 
 
@@ -83,7 +88,7 @@ class ZeRO:
         size = math.ceil(numel / self.world)
         shard = F.pad(shard.detach(), (0, size - shard.numel()))  # equal sizes on every rank
         out = torch.empty(size * self.world, dtype=shard.dtype, device=shard.device)
-        dist.all_gather_into_tensor(out, shard, group=self.group)
+        _all_gather(out, shard, group=self.group)
         self.traffic.add("all_gather", out.numel() * out.element_size(), self.world)
         return out[:numel].view(shape)
 
@@ -94,7 +99,7 @@ class ZeRO:
         size = math.ceil(flat.numel() / self.world)
         flat = F.pad(flat, (0, size * self.world - flat.numel()))
         out = torch.empty(size, dtype=flat.dtype, device=flat.device)
-        dist.reduce_scatter_tensor(out, flat.contiguous(), group=self.group)
+        _reduce_scatter(out, flat.contiguous(), group=self.group)
         self.traffic.add("reduce_scatter", flat.numel() * flat.element_size(), self.world)
         return out[:keep].div_(self.world)
 
@@ -116,7 +121,8 @@ class ZeRO:
         if self.stage == 1:  # ZeRO-1 keeps whole gradients, and reduce-scatters them now
             for module, name, *_, shard in self.owned:
                 grad = module._parameters[name].grad.view(-1)
-                mine = grad[self.rank * shard.numel() :][: shard.numel()]  # the shard's part
+                start = self.rank * math.ceil(grad.numel() / self.world)  # where the shard starts
+                mine = grad[start : start + shard.numel()]  # the shard's part
                 shard.grad = mine.copy_(self.scatter(grad, shard.numel()))
         with record_function("optimizer"):
             self.optimizer.step()  # each rank updates 1/N of every parameter
