@@ -29,7 +29,7 @@ import course_utils as cu
 from course_utils import tensor_parallel as tp
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SIZES = [(64, 64), (128, 256), (256, 256)]  # (width, global batch)
+SIZES = [(64, 64), (128, 256), (256, 256), (512, 256)]  # (width, global batch)
 
 
 def step_time(dim: int, batch: int, steps: int, engine: str | None) -> tuple[float, float]:

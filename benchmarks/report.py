@@ -102,13 +102,15 @@ def tp_rows(d: dict) -> list[str]:
 
 def sharding_rows(d: dict) -> list[str]:
     sent = ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in d["bytes_sent_per_step"].items())
+    speed = "; ".join(
+        f"batch {r['batch_size']}, {r['variant']}: {_x(r['throughput_vs_ddp'])} "
+        f"({r['min']:.2f}–{r['max']:.2f})"
+        for r in d["rows"]
+    )
     return [
-        f"| transformer + AdamW, fsdp vs ddp on 2 workers × 1 thread, batch {d['batch_size']} "
-        f"(median of {d['repeats']}, `bench_sharding.py`) | state per rank "
-        f"{d['state_share']:.2f} of DDP's ({d['state_bytes']['fsdp']['total'] / 1e6:.2f} MB vs "
-        f"{d['state_bytes']['ddp']['total'] / 1e6:.2f} MB); throughput "
-        f"{_x(d['fsdp_over_ddp'])} of DDP's ({d['fsdp_over_ddp_min']:.2f}–"
-        f"{d['fsdp_over_ddp_max']:.2f}); sent per rank and step: {sent} |"
+        f"| transformer + AdamW, fsdp vs ddp on 2 workers × 1 thread (median of {d['repeats']}, "
+        f"`bench_sharding.py`) | state per rank {d['state_share']:.2f} of DDP's; throughput "
+        f"vs DDP's: {speed}; sent per rank and step: {sent} |"
     ]
 
 

@@ -262,7 +262,8 @@ def role(cfg, me):
     if sharded:
         from course_utils import sharding
 
-        sharding.fully_sharded(model, grid["dp"])
+        units = sharding.grouped_units(model)
+        sharding.fully_sharded(model, grid["dp"], reshard_after_forward=None, units=units)
     optimizer = loop.make_optimizer(model, cfg.lr, cfg.optimizer)
     dp_group = grid["dp"].get_group()
     if sharded or dp_size == 1:  # FSDP averages the gradients itself

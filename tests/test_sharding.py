@@ -216,3 +216,13 @@ def test_zero1_gradient_shards_sit_where_the_shards_do():
     assert whole.abs().min() > 0  # every value has a gradient to misplace
     torch.testing.assert_close(shards[0][0], whole[:8])
     torch.testing.assert_close(shards[1][0], whole[8:])
+
+
+def test_small_units_are_grouped_until_they_are_worth_their_collectives():
+    model = cu.models.build("transformer")
+    block = cu.models.count_parameters(model.blocks[0])
+    assert sharding.grouped_units(model) == []  # 0.2M parameters: the root is the one unit
+    assert sharding.grouped_units(model, min_params=1) == [[b] for b in model.blocks]
+    pairs = sharding.grouped_units(model, min_params=2 * block)
+    assert pairs == [[model.blocks[0], model.blocks[1]], [model.blocks[2], model.blocks[3]]]
+    assert sharding.grouped_units(model, min_params=3 * block) == [list(model.blocks[:3])]

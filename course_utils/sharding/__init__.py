@@ -33,10 +33,18 @@ from course_utils.sharding.formulas import (
     nbytes,
     state_bytes,
 )
-from course_utils.sharding.fsdp import fsdp_units, full_state_dict, fully_sharded, role
+from course_utils.sharding.fsdp import (
+    MIN_UNIT_PARAMS,
+    fsdp_units,
+    full_state_dict,
+    fully_sharded,
+    grouped_units,
+    role,
+)
 from course_utils.sharding.zero import Traffic, ZeRO
 
 __all__ = [
+    "MIN_UNIT_PARAMS",
     "ADAM_STATE_BYTES",
     "GRAD_BYTES",
     "PARAM_BYTES",
@@ -47,6 +55,7 @@ __all__ = [
     "fsdp_units",
     "full_state_dict",
     "fully_sharded",
+    "grouped_units",
     "memory_per_rank",
     "nbytes",
     "role",
