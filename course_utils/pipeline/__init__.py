@@ -2,7 +2,8 @@
 microbatches flow through the stages, forward then backward. One module per idea:
 
 - :mod:`~course_utils.pipeline.schedules`: GPipe and 1F1B on paper, simulated timelines, the bubble
-  (pure Python);
+  (pure Python); :mod:`~course_utils.pipeline.zero_bubble`: the zero-bubble family (ZB-H1, ZB-V,
+  DualPipeV) with backward split into the inputs' and the weights' gradients;
 - :mod:`~course_utils.pipeline.stages`: cutting the CNN and the RNN into stages, balancing them;
 - :mod:`~course_utils.pipeline.hand`: the hand-written engine (``dist.send``/``dist.recv``);
 - :mod:`~course_utils.pipeline.torch_engine`: ``torch.distributed.pipelining``'s engine;
@@ -10,6 +11,6 @@ microbatches flow through the stages, forward then backward. One module per idea
   (:func:`profile`) and its part in ``--parallel pipeline`` (:func:`role`).
 """
 
-from course_utils.pipeline import hand, schedules, stages, torch_engine, worker
+from course_utils.pipeline import hand, schedules, stages, torch_engine, worker, zero_bubble
 
-__all__ = ["hand", "schedules", "stages", "torch_engine", "worker"]
+__all__ = ["hand", "schedules", "stages", "torch_engine", "worker", "zero_bubble"]

@@ -12,34 +12,51 @@ Each stage runs a forward ``F`` and a backward ``B`` for every microbatch; a sch
 
 Both orders are those of ``torch.distributed.pipelining``'s ``ScheduleGPipe`` and
 ``Schedule1F1B`` (backwards in microbatch order 0, 1, ...), so a simulated timeline can be put
-beside a measured one. Pure Python: no torch, no processes.
+beside a measured one. The zero-bubble schedules (ZB-H1, ZB-V, DualPipeV) split the backward into
+``B`` (the input's gradient) and ``W`` (the weights'): their orders are in
+:mod:`course_utils.pipeline.zero_bubble`, and :func:`simulate` plays them too. Pure Python: no
+torch, no processes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCHEDULES = ("gpipe", "1f1b")
+from course_utils.pipeline import zero_bubble
+from course_utils.pipeline.zero_bubble import SPLIT_SCHEDULES, V_SCHEDULES
 
-Op = tuple[str, int]  # ("F" or "B", microbatch)
+SCHEDULES = ("gpipe", "1f1b")
+SIMULATED = (*SCHEDULES, *SPLIT_SCHEDULES)  # what simulate() plays
+
+Op = tuple[str, int]  # ("F", "B" or "W", microbatch)
 
 
 @dataclass(frozen=True)
 class Event:
     """One piece of work on the timeline: ``kind`` of ``microbatch`` on ``stage``: "F" forward,
     "B" backward (of the inputs only, when a zero-bubble schedule splits it), "W" the weights'
-    gradients of a split backward."""
+    gradients of a split backward. ``rank``: the worker that ran it, where it holds several
+    stages (the V schedules); None when the rank is the stage."""
 
     stage: int
     kind: str
     microbatch: int
     start: float
     end: float
+    rank: int | None = None
+
+    @property
+    def row(self) -> int:
+        """The worker's row in a timeline: its rank, or its stage when they are the same."""
+        return self.stage if self.rank is None else self.rank
 
 
 def stage_order(schedule: str, num_stages: int, num_microbatches: int, stage: int) -> list[Op]:
-    """The order in which ``stage`` runs its forwards and backwards under ``schedule``."""
+    """The order in which ``stage`` runs its forwards and backwards under ``schedule`` (for
+    ZB-H1 its weight-gradient steps ``("W", i)`` too; a V schedule's ranks: :func:`rank_orders`)."""
     m = num_microbatches
+    if schedule == "zbh1":
+        return [(kind, i) for kind, _, i in zero_bubble.zbh1_order(num_stages, m, stage)]
     if schedule == "gpipe":
         return [("F", i) for i in range(m)] + [("B", i) for i in range(m)]
     if schedule == "1f1b":
@@ -50,12 +67,21 @@ def stage_order(schedule: str, num_stages: int, num_microbatches: int, stage: in
             if warmup + i < m:
                 order.append(("F", warmup + i))
         return order
-    raise ValueError(f"unknown schedule {schedule!r}: choose from {SCHEDULES}")
+    raise ValueError(f"unknown schedule {schedule!r}: choose from {SCHEDULES + ('zbh1',)}")
 
 
 def orders(schedule: str, num_stages: int, num_microbatches: int) -> list[list[Op]]:
     """:func:`stage_order` of every stage."""
     return [stage_order(schedule, num_stages, num_microbatches, s) for s in range(num_stages)]
+
+
+def rank_orders(schedule: str, num_stages: int, num_microbatches: int) -> list[list[tuple]]:
+    """Every rank's tasks ``(kind, stage, microbatch)`` in order: one stage per rank, or, for
+    the V schedules, ``num_stages`` stages two per rank."""
+    if schedule in V_SCHEDULES:
+        return zero_bubble.rank_orders(schedule, num_stages, num_microbatches)
+    plan = orders(schedule, num_stages, num_microbatches)
+    return [[(kind, s, i) for kind, i in order] for s, order in enumerate(plan)]
 
 
 def _per_stage(value, num_stages: int) -> list[float]:
@@ -69,37 +95,55 @@ def simulate(
     forward: float | list[float] = 1.0,
     backward: float | list[float] = 2.0,
     comm: float = 0.0,
+    weight: float | list[float] | None = None,
 ) -> list[Event]:
-    """Timeline of one training step: each op starts when its stage is free and its input has
-    arrived (``comm`` seconds after the producing op ends). ``forward``/``backward``: cost of one
-    microbatch on each stage (a number for all stages, or one per stage)."""
+    """Timeline of one training step: each op starts when its rank is free and its input has
+    arrived (``comm`` seconds after the producing op ends, when another rank produced it).
+    ``forward``/``backward``: cost of one microbatch on each stage (a number for all stages, or
+    one per stage), the backward whole. A zero-bubble schedule runs a backward in two steps: its
+    ``W`` costs ``weight`` (default: half the backward), its ``B`` the rest. The V schedules put
+    ``num_stages`` stages two per rank, and their events carry the rank."""
     f, b = _per_stage(forward, num_stages), _per_stage(backward, num_stages)
-    plan = orders(schedule, num_stages, num_microbatches)
+    w = _per_stage([x / 2 for x in b] if weight is None else weight, num_stages)
+    plan = rank_orders(schedule, num_stages, num_microbatches)
+    split = {(s, i) for order in plan for kind, s, i in order if kind == "W"}  # B, then W
+
+    def cost(kind: str, s: int, i: int) -> float:
+        if kind == "F":
+            return f[s]
+        if kind == "W":
+            return w[s]
+        return b[s] - w[s] if (s, i) in split else b[s]
+
+    def rank(s: int) -> int:
+        return zero_bubble.rank_of(schedule, num_stages, s)
+
     done: dict[tuple[str, int, int], float] = {}  # (kind, stage, microbatch) -> end time
-    free = [0.0] * num_stages  # when each stage finishes its previous op
-    nxt = [0] * num_stages  # index of each stage's next op
+    free = [0.0] * len(plan)  # when each rank finishes its previous op
+    nxt = [0] * len(plan)  # index of each rank's next op
     events: list[Event] = []
-    while any(nxt[s] < len(plan[s]) for s in range(num_stages)):
+    while any(nxt[r] < len(plan[r]) for r in range(len(plan))):
         progressed = False
-        for s in range(num_stages):
-            while nxt[s] < len(plan[s]):
-                kind, i = plan[s][nxt[s]]
+        for r, order in enumerate(plan):
+            while nxt[r] < len(order):
+                kind, s, i = order[nxt[r]]
                 if kind == "F":  # needs the previous stage's activation
                     dep = ("F", s - 1, i) if s > 0 else None
-                else:  # needs the next stage's gradient (the last stage: its own forward)
+                elif kind == "B":  # the next stage's gradient (the last stage: its own forward)
                     dep = ("B", s + 1, i) if s < num_stages - 1 else ("F", s, i)
+                else:  # W: the output's gradient, which its own B received
+                    dep = ("B", s, i)
                 if dep is not None and dep not in done:
-                    break  # wait for another stage
-                ready = 0.0 if dep is None else done[dep] + (comm if dep[1] != s else 0.0)
-                start = max(free[s], ready)
-                end = start + (f[s] if kind == "F" else b[s])
-                done[(kind, s, i)] = free[s] = end
-                events.append(Event(s, kind, i, start, end))
-                nxt[s] += 1
+                    break  # wait for another rank
+                ready = 0.0 if dep is None else done[dep] + (comm if rank(dep[1]) != r else 0.0)
+                start = max(free[r], ready)
+                done[(kind, s, i)] = free[r] = end = start + cost(kind, s, i)
+                events.append(Event(s, kind, i, start, end, r if schedule in V_SCHEDULES else None))
+                nxt[r] += 1
                 progressed = True
         if not progressed:
-            raise RuntimeError(f"schedule {schedule!r} deadlocks")  # never for the two above
-    return sorted(events, key=lambda e: (e.start, e.stage))
+            raise RuntimeError(f"schedule {schedule!r} deadlocks")  # never for those above
+    return sorted(events, key=lambda e: (e.start, e.row))
 
 
 def makespan(events: list[Event]) -> float:
@@ -108,8 +152,9 @@ def makespan(events: list[Event]) -> float:
 
 
 def bubble_fraction(events: list[Event], num_stages: int | None = None) -> float:
-    """Share of stage-time spent idle: 1 - busy / (num_stages × makespan)."""
-    num_stages = num_stages or len({e.stage for e in events})
+    """Share of stage-time spent idle: 1 - busy / (num_stages × makespan). ``num_stages``: the
+    timeline's rows (the ranks, where a rank holds several stages); by default, those seen."""
+    num_stages = num_stages or len({e.row for e in events})
     busy = sum(e.end - e.start for e in events)
     return 1.0 - busy / (num_stages * makespan(events))
 
@@ -125,9 +170,15 @@ def speedup_bound(num_stages: int, num_microbatches: int) -> float:
 
 
 def table(schedule: str, num_stages: int, num_microbatches: int) -> list[list[str]]:
-    """A (stages × time slots) grid of labels such as "F3", "B0", "" (idle), with forward and
-    backward each taking one slot: the picture of a schedule, as text."""
-    events = simulate(schedule, num_stages, num_microbatches, forward=1, backward=1)
+    """A (stages × time slots) grid of labels such as "F3", "B0", "W2", "" (idle), with a
+    forward, a backward and (ZB-H1) a weights' gradient each taking one slot: the picture of a
+    schedule, as text (one stage per rank)."""
+    if schedule in V_SCHEDULES:
+        raise ValueError(f"{schedule} holds 2 stages per rank: draw it with a Gantt chart")
+    whole = schedule not in SPLIT_SCHEDULES  # F, B: one slot each; or F, B, W one each
+    events = simulate(
+        schedule, num_stages, num_microbatches, forward=1, backward=1 if whole else 2, weight=1
+    )
     width = int(makespan(events))
     grid = [[""] * width for _ in range(num_stages)]
     for e in events:
@@ -143,14 +194,20 @@ def format_table(grid: list[list[str]]) -> str:
 
 
 def in_flight(order: list[Op]) -> list[int]:
-    """Microbatches whose activations a stage holds after each op (forward done, backward not)."""
+    """Microbatches whose activations a stage holds after each op: forward done, backward not
+    (where the backward is split, not until its ``W``: the weights' gradient needs them too)."""
+    split = {i for kind, i in order if kind == "W"}
     count, counts = 0, []
-    for kind, _ in order:
-        count += 1 if kind == "F" else -1
+    for kind, i in order:
+        if kind == "F":
+            count += 1
+        elif kind == "W" or i not in split:  # the microbatch's last backward step frees it
+            count -= 1
         counts.append(count)
     return counts
 
 
 def peak_in_flight(schedule: str, num_stages: int, num_microbatches: int) -> list[int]:
-    """Most microbatches of activations each stage holds at once (GPipe: m; 1F1B: p - stage)."""
+    """Most microbatches of activations each stage holds at once (GPipe: m; 1F1B: p - stage;
+    ZB-H1: min(p, m) on every stage, as many as 1F1B's first)."""
     return [max(in_flight(o)) for o in orders(schedule, num_stages, num_microbatches)]

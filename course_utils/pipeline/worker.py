@@ -248,7 +248,9 @@ class Profile:
 
     model: str = "cnn"  # "cnn", "rnn" or "transformer"
     microbatches: int = 4  # per global batch
-    schedule: str = "gpipe"  # "gpipe", "1f1b" (or "interleaved1f1b" with engine "torch")
+    schedule: str = (
+        "gpipe"  # "gpipe", "1f1b"; with engine "torch" also interleaved1f1b, zbv, dualpipev
+    )
     engine: str = "hand"  # "hand" (send/recv, this package) or "torch" (torch's pipelining)
     batch_size: int = 64  # the global batch
     num_steps: int = 4  # steps trained; the first is not timed, the last is recorded

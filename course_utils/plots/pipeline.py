@@ -74,9 +74,11 @@ def gantt(
     ax.set_ylim(num_stages - 0.5, -0.5)  # stage 0 on top, as data flows downwards
     ax.set_xlim(0, end * 1.01)
     ax.set(xlabel="time slot" if unit == "slot" else f"time ({unit})", title=title)
-    split = any(_field(e, "kind") == "W" for e in events)
-    labels = {"F": "forward", "B": "backward: input (B)" if split else "backward"}
+    kinds = [_field(e, "kind") for e in events]
+    split, whole = "W" in kinds, kinds.count("B") > kinds.count("W")  # some backwards not split
+    labels = {"F": "forward", "B": "backward"}
     if split:
+        labels["B"] = "backward, or its input part (B)" if whole else "backward: input (B)"
         labels["W"] = "backward: weights (W)"
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[k]) for k in labels]
     names = list(labels.values())
