@@ -38,6 +38,7 @@ _LAZY = {
     "tensor_parallel",
     "sharding",
     "profiling",
+    "debugging",
 }
 
 # The one setting read from the environment: CI sets COURSE_FAST=1 so that every notebook runs

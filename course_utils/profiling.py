@@ -8,8 +8,11 @@ collectives show up by themselves: gloo runs them on its own threads as ``gloo:a
 
 - **compute**: the time inside forward, backward and the optimizer on the rank's main thread;
 - **communication**: the time some collective was running (the union of their intervals);
-- **overlap**: the share of the communication that ran while backward computed (DDP's buckets
-  start all-reducing before backward ends: lesson 05), hidden rather than added to the step.
+- **overlap**: the share of the communication inside the backward span (DDP's buckets start
+  all-reducing before backward ends: lesson 05). Under DDP that span also holds the wait for the
+  last bucket, so **hidden** is the stricter measure: the share that ran while autograd was
+  computing gradients (its ``evaluate_function`` spans, less ``AccumulateGrad``), hidden rather
+  than added to the step.
 
 :class:`Recorder` is what ``--profile DIR`` uses: it profiles a few steps after a warm-up and writes
 ``DIR/trace_rank<r>.json`` (Chrome / Perfetto format: open it at https://ui.perfetto.dev or in
@@ -30,7 +33,16 @@ from torch.profiler import ProfilerActivity, profile, record_function, schedule
 PHASES = ("forward", "backward", "optimizer")
 COMMUNICATION = ("gloo:", "nccl")  # prefixes of collective events (lower case)
 
-__all__ = ["PHASES", "Recorder", "events", "label", "summary", "trace_path"]
+__all__ = [
+    "PHASES",
+    "Recorder",
+    "events",
+    "is_communication",
+    "label",
+    "line",
+    "summary",
+    "trace_path",
+]
 
 label = record_function  # ``with label("forward"): ...``: a named span in every trace
 
@@ -47,8 +59,11 @@ class Recorder:
     def __init__(self, directory: str | Path, rank: int, num_steps: int, active: int = 3):
         self.path = trace_path(directory, rank)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        warmup = 1 if num_steps > active + 1 else 0  # the first step builds buffers: skip it
-        self.active = max(1, min(active, num_steps - warmup))
+        # the first step builds buffers, the second DDP's buckets (in the order gradients came):
+        # skip both where the run is long enough, then warm the profiler up for one step
+        wait = 1 if num_steps > active + 2 else 0
+        warmup = 1 if num_steps > active + 1 else 0
+        self.active = max(1, min(active, num_steps - warmup - wait))
         activities = [ProfilerActivity.CPU]
         if torch.cuda.is_available():
             activities.append(ProfilerActivity.CUDA)
@@ -57,7 +72,7 @@ class Recorder:
             warnings.simplefilter("ignore", UserWarning)
             self.profiler = profile(
                 activities=activities,
-                schedule=schedule(wait=0, warmup=warmup, active=self.active, repeat=1),
+                schedule=schedule(wait=wait, warmup=warmup, active=self.active, repeat=1),
                 on_trace_ready=self._write,
                 profile_memory=True,
             )
@@ -145,19 +160,27 @@ def is_communication(name: str) -> bool:
     return name.lower().startswith(COMMUNICATION)
 
 
+def _is_backward_arithmetic(name: str) -> bool:
+    """One of autograd's gradient computations (not AccumulateGrad, which adds a gradient to
+    ``.grad`` and is where DDP's hooks start a bucket's all-reduce)."""
+    return name.startswith("autograd::engine::evaluate_function") and "AccumulateGrad" not in name
+
+
 def summary(path: str | Path, steps: int | None = None) -> dict:
     """Seconds per step of compute, of communication, and the share of the communication that
     overlapped backward, from one rank's trace. ``steps``: how many steps the trace holds
     (default: the number of "optimizer" spans, at least 1)."""
     complete = [e for e in events(path) if e.get("ph") == "X"]
     spans = {phase: [] for phase in PHASES}
-    comm = []
+    comm, arithmetic = [], []
     for e in complete:
         interval = (e["ts"], e["ts"] + e.get("dur", 0))
         if e["name"] in spans and e.get("cat") == "user_annotation":
             spans[e["name"]].append(interval)
         elif is_communication(e["name"]):
             comm.append(interval)
+        elif _is_backward_arithmetic(e["name"]):
+            arithmetic.append(interval)
     steps = steps or max(1, len(spans["optimizer"]))
     compute = _union([i for phase in PHASES for i in spans[phase]])
     comm, backward = _union(comm), _union(spans["backward"])
@@ -167,6 +190,7 @@ def summary(path: str | Path, steps: int | None = None) -> dict:
         "compute_s": _length(compute) / 1e6 / steps,
         "communication_s": comm_us / 1e6 / steps,
         "overlap": _intersection(comm, backward) / comm_us if comm_us else 0.0,
+        "hidden": _intersection(comm, _union(arithmetic)) / comm_us if comm_us else 0.0,
         "collectives": len(comm),
     }
 
@@ -178,5 +202,6 @@ def line(rank: int, s: dict) -> str:
         f"{s['communication_s'] * 1e3:.1f} ms/step"
     )
     if s["communication_s"] > 0:
-        text += f" ({s['overlap']:.0%} of it during backward)"
+        text += f" ({s['overlap']:.0%} of it during backward"
+        text += f", {s['hidden']:.0%} hidden behind its arithmetic)" if "hidden" in s else ")"
     return text

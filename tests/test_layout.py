@@ -15,7 +15,7 @@ MAX_LINES = 350  # "a file past ~300 lines is asking to be split" (STYLE.md)
 # (notebooks -> widgets -> plots; train -> strategies -> launch, collectives, checkpoint -> loop,
 # models, data, hardware.)
 LAYERS = [
-    {"hardware", "data", "models", "loop", "measure", "scaling", "interpret"},
+    {"hardware", "data", "models", "loop", "measure", "scaling", "interpret", "debugging"},
     {"launch", "collectives", "checkpoint", "profiling"},
     {"ddp", "sharding", "pipeline", "tensor_parallel", "faq"},
     {"config", "train"},

@@ -32,11 +32,23 @@ def test_the_summary_measures_compute_communication_and_overlap(tmp_path):
         span("gloo:all_reduce", 1400, 100, cat="cpu_op", tid=7),
         span("aten::mm", 10, 50, cat="cpu_op"),  # inside forward: not counted twice
     ]
+    hidden = profiling.summary(
+        write_trace(
+            tmp_path / "h.json",
+            [
+                *events,
+                span("autograd::engine::evaluate_function: MmBackward0", 1380, 60, "cpu_op"),
+                span("autograd::engine::evaluate_function: AccumulateGrad", 260, 40, "cpu_op"),
+            ],
+        )
+    )
+    assert hidden["hidden"] == pytest.approx(40 / 200)  # 1400..1440 under MmBackward0
     s = profiling.summary(write_trace(tmp_path / "t.json", events))
     assert s["steps"] == 2
     assert s["compute_s"] == pytest.approx(350e-6)  # (100 + 200 + 50) us per step
     assert s["communication_s"] == pytest.approx(100e-6)
     assert s["overlap"] == pytest.approx(50 / 200)
+    assert s["hidden"] == 0  # no autograd arithmetic ran beside it
     assert s["collectives"] == 2
 
 

@@ -1,15 +1,18 @@
-"""Running a function on N worker processes, from a notebook cell or a shell (lessons 03-09).
+"""Running a function on N worker processes, from a notebook cell or a shell (lessons 03-10).
 
 - :mod:`~course_utils.launch.runner`: :func:`run` starts the workers and brings their results
   (or the first error, with its rank and traceback) back to the caller;
 - :mod:`~course_utils.launch.worker`: inside a worker: :func:`worker` (rank, device, backend),
   :func:`process_group`, :func:`exit_cleanly`;
 - :mod:`~course_utils.launch.rendezvous`: where a launch's workers meet, and its clean-up;
-- :mod:`~course_utils.launch.processes`: finding child processes (to watch or kill them).
+- :mod:`~course_utils.launch.processes`: finding child processes (to watch or kill them);
+- :mod:`~course_utils.launch.postmortem`: the errors, and what a failed or stuck worker leaves
+  behind (its stack at the timeout, the signal that killed it).
 """
 
+from course_utils.launch.postmortem import LaunchTimeout, WorkerError
 from course_utils.launch.processes import alive, children
-from course_utils.launch.runner import LaunchTimeout, WorkerError, free_port, run
+from course_utils.launch.runner import free_port, run
 from course_utils.launch.worker import (
     GROUP_TIMEOUT_S,
     Worker,

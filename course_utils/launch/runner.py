@@ -38,7 +38,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
-import signal
 import socket
 import sys
 import threading
@@ -50,34 +49,12 @@ from multiprocessing.connection import wait
 import torch
 
 from course_utils import hardware
-from course_utils.launch import rendezvous
+from course_utils.launch import postmortem, rendezvous
+from course_utils.launch.postmortem import LaunchTimeout, WorkerError
 from course_utils.launch.worker import GROUP_TIMEOUT_S, child_main
 
 MAX_WORKERS_PER_CORE = 4  # more is a typo (--nproc 1000), not an experiment
 _START_LOCK = threading.Lock()
-
-
-class WorkerError(RuntimeError):
-    """A worker raised (or died): carries its ``rank``, the ``kind`` of error (the exception's
-    class name), its ``message`` and the worker's own traceback."""
-
-    def __init__(self, rank: int, message: str, worker_traceback: str = "", kind: str = ""):
-        self.rank, self.kind, self.message = rank, kind, message
-        self.worker_traceback = worker_traceback
-        text = f"worker rank {rank} failed: {f'{kind}: ' if kind else ''}{message}"
-        if worker_traceback:
-            text += f"\n\n--- traceback of rank {rank} ---\n{worker_traceback}"
-        super().__init__(text)
-
-
-class LaunchTimeout(TimeoutError):
-    """The workers did not all finish within the launch's timeout; they were stopped. Before
-    that, each late worker dumped its Python stack (``faulthandler``): ``stacks[rank]`` holds
-    every thread's, and the message shows where each late rank's main thread was waiting."""
-
-    def __init__(self, message: str, stacks: dict[int, str] | None = None):
-        super().__init__(message)
-        self.stacks = stacks or {}
 
 
 def start_method() -> str:
@@ -279,9 +256,10 @@ def _collect(procs: list, readers: dict, timeout: float, meeting=None) -> list:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             late = sorted(pending.values())
-            stacks = _stacks(procs, late, meeting)
+            stacks = postmortem.stacks(procs, late, meeting)
             where = "".join(
-                f"\n--- rank {rank} was here ---\n{_main_thread(stacks[rank])}" for rank in stacks
+                f"\n--- rank {rank} was here ---\n{postmortem.main_thread(stacks[rank])}"
+                for rank in stacks
             )
             raise LaunchTimeout(
                 f"ranks {late} had not finished after {timeout:.0f} s; all workers were stopped"
@@ -298,7 +276,7 @@ def _collect(procs: list, readers: dict, timeout: float, meeting=None) -> list:
                 try:
                     raw = obj.recv_bytes()
                 except (EOFError, OSError):  # the pipe closed with no message: the worker died
-                    raise _died(procs[rank], rank) from None
+                    raise postmortem.died(procs[rank], rank) from None
                 try:
                     status, payload = pickle.loads(raw)
                 except Exception as err:  # e.g. a class this process can't import
@@ -312,39 +290,9 @@ def _collect(procs: list, readers: dict, timeout: float, meeting=None) -> list:
             elif sentinels[obj] in pending.values() and not _reader_of(
                 pending, sentinels[obj]
             ).poll(0):
-                raise _died(procs[sentinels[obj]], sentinels[obj])
+                raise postmortem.died(procs[sentinels[obj]], sentinels[obj])
     return [results[rank] for rank in range(len(procs))]
-
-
-def _stacks(procs: list, ranks: list[int], meeting) -> dict[int, str]:
-    """Ask each of ``ranks`` for its Python stack (SIGUSR1: ``faulthandler`` writes every
-    thread's to the rank's file in the meeting folder) and read them."""
-    if meeting is None or not hasattr(signal, "SIGUSR1"):
-        return {}
-    for rank in (r for r in ranks if procs[r].is_alive()):
-        os.kill(procs[rank].pid, signal.SIGUSR1)
-    stacks, deadline = {}, time.monotonic() + 2.0
-    while len(stacks) < len(ranks) and time.monotonic() < deadline:
-        time.sleep(0.05)
-        for rank in set(ranks) - set(stacks):
-            if "most recent call first" in (text := (meeting / f"stack{rank}.txt").read_text()):
-                stacks[rank] = text
-    return dict(sorted(stacks.items()))
-
-
-def _main_thread(dump: str) -> str:
-    """The block of a faulthandler dump for the thread that took the signal: the main one."""
-    blocks = dump.strip().split("\n\n")
-    current = [b for b in blocks if b.startswith("Current thread")]
-    lines = (current or blocks)[0].splitlines()
-    cut = next((i for i, line in enumerate(lines) if line.endswith(" in child_main")), None)
-    return "\n".join(lines[:cut])  # the launcher's own frames below the worker's code: left out
 
 
 def _reader_of(pending: dict, rank: int):
     return next(reader for reader, r in pending.items() if r == rank)
-
-
-def _died(proc, rank: int) -> WorkerError:
-    proc.join(1.0)
-    return WorkerError(rank, f"process exited with code {proc.exitcode} before sending a result")
