@@ -57,6 +57,9 @@ def ddp_rows(d: dict) -> list[str]:
     ]
 
 
+NAMES = {"cnn": "CNN", "rnn": "RNN", "transformer": "Transformer"}
+
+
 def pipeline_rows(d: dict) -> list[str]:
     out = []
     for model in ("cnn", "rnn", "transformer"):
@@ -81,7 +84,7 @@ def pipeline_rows(d: dict) -> list[str]:
             layout = "2 workers × 2 stages in a V" if v else "2 stages"
             bound = "1F1B's bound" if v else "the bound m·p/(m+p−1)"
             out.append(
-                f"| {model.upper()} pipeline, {layout}, {schedule}, batch {batch}, speedup over "
+                f"| {NAMES[model]} pipeline, {layout}, {schedule}, batch {batch}, speedup over "
                 f"1 process (% of {bound}) (`bench_pipeline.py`) | {cells} |"
             )
     return out

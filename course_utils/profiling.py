@@ -52,11 +52,14 @@ def trace_path(directory: str | Path, rank: int) -> Path:
 
 
 class Recorder:
-    """Profile steps ``warmup .. warmup + active - 1`` of a run on this rank; call :meth:`step`
-    after every training step and :meth:`stop` at the end. The trace is written when the active
-    steps are done (or at :meth:`stop`, if the run was shorter)."""
+    """Profile ``active`` steps of a run on this rank, after skipping the first ones where the run
+    is long enough; call :meth:`step` after every training step and :meth:`stop` at the end. The
+    trace is written when the active steps are done (or at :meth:`stop`, if the run was shorter).
+    ``memory``: record allocations too (for memory over time)."""
 
-    def __init__(self, directory: str | Path, rank: int, num_steps: int, active: int = 3):
+    def __init__(
+        self, directory: str | Path, rank: int, num_steps: int, active: int = 3, memory: bool = True
+    ):
         self.path = trace_path(directory, rank)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # the first step builds buffers, the second DDP's buckets (in the order gradients came):
@@ -74,8 +77,8 @@ class Recorder:
                 activities=activities,
                 schedule=schedule(wait=wait, warmup=warmup, active=self.active, repeat=1),
                 on_trace_ready=self._write,
-                profile_memory=True,
-            )
+                profile_memory=memory,  # the memory events (each rank then warns once, in C++,
+            )  # that it saw memory freed whose allocation happened before it started)
 
     def _write(self, prof) -> None:
         prof.export_chrome_trace(str(self.path))
