@@ -37,3 +37,11 @@ def workers_left() -> list[int]:
         for pid in launch.children()
         if "resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
     ]
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    """Every test's figures are closed after it (pyplot keeps them otherwise, and warns past 20)."""
+    yield
+    if "matplotlib.pyplot" in sys.modules:
+        sys.modules["matplotlib.pyplot"].close("all")
