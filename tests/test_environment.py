@@ -16,7 +16,9 @@ def test_environment_yml_lists_the_same_dependencies_as_pyproject():
     lines = (ROOT / "environment.yml").read_text().splitlines()
     pip_section = lines[lines.index("  - pip:") + 1 :]
     listed = {
-        _name(line.split("- ", 1)[1]) for line in pip_section if line.strip().startswith("- ")
+        _name(line.split("- ", 1)[1])
+        for line in pip_section
+        if line.strip().startswith("- ") and not line.strip().startswith("- --")  # pip options
     }
     listed.discard("-e")
     assert listed == wanted

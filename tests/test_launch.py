@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -95,16 +96,22 @@ def test_more_workers_than_cores_warns_once(monkeypatch):
         launch.run(sum_of_ranks, 2, 0)  # second time: silent
 
 
-def test_spawn_path_runs_importable_functions_and_explains_notebook_ones(monkeypatch):
-    monkeypatch.setattr(runner, "start_method", lambda: "spawn")
-    results = launch.run(sum_of_ranks, 2, 1, timeout=120)
+def test_spawned_workers_run_importable_functions_and_notebook_ones_by_value(monkeypatch):
+    results = launch.run(sum_of_ranks, 2, 1, timeout=120, start_method="spawn")
     assert [r[1] for r in results] == [4.0, 4.0]
 
-    def defined_here():
-        return 1
+    offset = 10  # a global of "the notebook", captured by value with the function
 
-    with pytest.raises(RuntimeError, match="Move it into a .py module"):
-        launch.run(defined_here, 2)
+    def defined_here(x):  # a spawned interpreter can't import this: cloudpickle carries it
+        return dist.get_rank() + x + offset, torch.get_num_threads()
+
+    monkeypatch.setenv("COURSE_START_METHOD", "spawn")  # how CI runs every lesson spawned
+    assert runner.default_start_method() == "spawn"
+    assert launch.run(defined_here, 2, 5, threads=1, timeout=120) == [(15, 1), (16, 1)]
+    with pytest.raises(ValueError, match="can't be sent to spawned workers"):
+        launch.run(defined_here, 2, threading.Lock(), timeout=120)
+    with pytest.raises(ValueError, match="choose 'fork' or 'spawn'"):
+        launch.run(defined_here, 2, 5, start_method="teleport")
 
 
 def ddp_step():

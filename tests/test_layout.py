@@ -68,14 +68,15 @@ ENV_WRITE = re.compile(r"os\.environ\[[^\]]+\]\s*=|os\.environ\.(update|setdefau
 
 
 def test_settings_travel_as_parameters_not_environment_variables():
-    # Read from the environment: COURSE_FAST (CI's fast mode) and COURSE_DATA_DIR (a learner's
-    # own full MNIST). Written: OMP_WAIT_POLICY (OpenMP reads nothing else, and only when torch
+    # Read from the environment: COURSE_FAST (CI's fast mode), COURSE_DATA_DIR (a learner's
+    # own full MNIST) and COURSE_START_METHOD (CI's spawn-only run of the lessons). Written: OMP_WAIT_POLICY (OpenMP reads nothing else, and only when torch
     # loads), and in a launched worker what torchrun would set (RANK, WORLD_SIZE, ...) and gloo's
     # loopback interface.
     writers = []
     for path in MODULES:
         text = path.read_text()
-        assert set(re.findall(r"COURSE_[A-Z_]+", text)) <= {"COURSE_FAST", "COURSE_DATA_DIR"}, path
+        read = set(re.findall(r"COURSE_[A-Z_]+", text))
+        assert read <= {"COURSE_FAST", "COURSE_DATA_DIR", "COURSE_START_METHOD"}, path
         if ENV_WRITE.search(text):
             writers.append(str(path.relative_to(PACKAGE)))
     assert writers == ["__init__.py", "launch/worker.py"]  # OpenMP's wait policy; torchrun's

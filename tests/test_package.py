@@ -3,6 +3,7 @@ course trains from it in another folder."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -62,3 +63,16 @@ def test_the_wheel_carries_the_data_and_trains_from_another_folder(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((elsewhere / "out.json").read_text())
     assert len(result["losses"]) == 3 and result["nproc"] == 2 and "test_accuracy" in result
+    # Then a lesson as Colab (or a learner without the repository) runs it: a copy of the notebook
+    # in another folder, the course from the wheel (`make notebooks-spawn` covers spawned workers)
+    for name in ("04_communication.ipynb",):
+        shutil.copy(ROOT / "notebooks" / name, elsewhere / name)
+        lesson = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax", name],
+            cwd=elsewhere,
+            env={**env, "COURSE_FAST": "1"},
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert lesson.returncode == 0, (lesson.stdout + lesson.stderr)[-3000:]

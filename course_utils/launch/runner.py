@@ -12,10 +12,13 @@ How it works, and why:
 - **The device is a parameter.** ``device="auto"`` gives each worker a GPU (NCCL) when there is
   one per worker, and the CPU (gloo) otherwise; ``"cpu"`` or ``"cuda"`` force the choice. Every
   worker of a launch gets the same kind, so no comparison mixes a GPU with CPUs.
-- **Fork where it is safe, spawn where it isn't.** A function defined in a notebook cell can't be
-  pickled for ``spawn``, but a forked child already has it in memory, and forking a kernel that has
-  imported torch takes ~0.1 s. Fork is unsafe once CUDA is initialised in the caller: then the
-  launcher spawns, and the function must live in a ``.py`` module (it says so if not).
+- **Fork where it is safe, spawn where it isn't.** A forked child already has the caller's
+  functions in memory, and forking a kernel that has imported torch takes ~0.1 s. Fork is unsafe
+  once CUDA is initialised in the caller, and missing on Windows: then the launcher spawns (fresh
+  interpreters, ~2 s more). A function a spawned interpreter can't import (one defined in a notebook
+  cell) travels *by value*: ``cloudpickle`` serialises its code and the globals it uses.
+  ``start_method="spawn"`` (or the environment variable ``COURSE_START_METHOD=spawn``, which CI
+  uses to run every lesson that way) forces spawning.
 - **A forked worker gets one thread, or is spawned.** PyTorch's CPU build uses GNU OpenMP, whose
   thread pool does not survive ``fork``: a forked child that runs a parallel region with more than
   one thread, after its parent has used the pool, hangs for ever. So a launch that wants more than
@@ -51,17 +54,46 @@ import torch
 from course_utils import hardware
 from course_utils.launch import postmortem, rendezvous
 from course_utils.launch.postmortem import LaunchTimeout, WorkerError
-from course_utils.launch.worker import GROUP_TIMEOUT_S, child_main
+from course_utils.launch.worker import GROUP_TIMEOUT_S, child_main, child_main_by_value
 
 MAX_WORKERS_PER_CORE = 4  # more is a typo (--nproc 1000), not an experiment
 _START_LOCK = threading.Lock()
 
 
-def start_method() -> str:
-    """``fork`` when it is safe here (Linux/macOS, CUDA not yet initialised), else ``spawn``."""
+def default_start_method() -> str:
+    """``COURSE_START_METHOD`` when set (``fork`` or ``spawn``); else ``fork`` when it is safe
+    here (Linux/macOS, CUDA not yet initialised), else ``spawn``."""
+    chosen = os.environ.get("COURSE_START_METHOD", "").strip()
+    if chosen:
+        return chosen
     if "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized():
         return "fork"
     return "spawn"
+
+
+start_method = default_start_method  # the name earlier versions used
+
+
+def _by_value(work: tuple) -> bytes:
+    """``(fn, args, kwargs)`` serialised with the code of what a fresh interpreter can't import."""
+    import cloudpickle
+
+    try:
+        return cloudpickle.dumps(work)
+    except Exception as err:
+        raise ValueError(f"{_name(work[0])} can't be sent to spawned workers: {err}") from err
+
+
+def _method(asked: str | None) -> str:
+    method = asked or default_start_method()
+    if method not in ("fork", "spawn") or method not in mp.get_all_start_methods():
+        raise ValueError(
+            f"start method {method!r}: choose 'fork' or 'spawn' (available here: "
+            f"{', '.join(mp.get_all_start_methods())})"
+        )
+    if method == "fork" and torch.cuda.is_initialized():
+        raise ValueError("CUDA is initialised in this process: its workers can't be forked")
+    return method
 
 
 _PRELOAD = ("torch._dynamo",)  # what DDP's constructor would import in every worker
@@ -101,16 +133,6 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-def _check_spawnable(fn: Callable) -> None:
-    if not _importable(fn):
-        raise RuntimeError(
-            f"{_name(fn)} is defined in a notebook or script, and CUDA is already "
-            "initialised in this process, so workers can't be forked and the function can't be "
-            "pickled for spawn. Move it into a .py module (and import it), or restart the kernel "
-            "and launch before touching CUDA."
-        )
-
-
 def _stop(procs: list) -> None:
     """SIGTERM every live worker, then SIGKILL what is left; reap them all."""
     for p in procs:
@@ -136,6 +158,7 @@ def run(
     device: str = "auto",
     oversubscribe: bool = False,
     pin: bool = False,
+    start_method: str | None = None,
     **kwargs,
 ) -> list:
     """Run ``fn(*args, **kwargs)`` on ``nproc`` worker processes; return their results by rank.
@@ -148,7 +171,8 @@ def run(
     core are refused unless ``oversubscribe``. ``pin``: give each worker cores of its own
     (rank r: cores r*threads ..), where they fit and the OS allows it: no worker migrates, nor
     shares a core with another; on a machine busy with other programs it can also hurt, since a
-    pinned worker cannot move to a free core. Raises :class:`WorkerError` (first failure) or
+    pinned worker cannot move to a free core. ``start_method``: ``"fork"`` or ``"spawn"``
+    (default: see :func:`default_start_method`). Raises :class:`WorkerError` (first failure) or
     :class:`LaunchTimeout`.
     """
     if nproc < 1:
@@ -170,8 +194,10 @@ def run(
     kind = hardware.device_kind(device, nproc)
     asked_for_threads = threads is not None
     threads = threads or hardware.threads_per_worker(nproc)
-    method = start_method()
-    if method == "fork" and threads > 1:  # see "A forked worker gets one thread" above
+    method = _method(start_method)
+    if (
+        method == "fork" and threads > 1 and start_method is None
+    ):  # see "A forked worker gets one thread" above
         if _importable(fn):
             method = "spawn"
         else:
@@ -184,8 +210,9 @@ def run(
                     "thread pool does not survive fork). Move it into a .py module to give each "
                     "worker more threads.",
                 )
-    if method == "spawn":
-        _check_spawnable(fn)
+    by_value = method == "spawn" and not _importable(fn)  # a notebook's function: cloudpickle
+    work = (fn, args, kwargs)
+    package = _by_value(work) if by_value else None
     ctx = mp.get_context(method)
     port = free_port()  # only for worker code that calls a bare init_process_group (env://)
     loopback = rendezvous.loopback_interface() if kind == "cpu" else None
@@ -221,8 +248,8 @@ def run(
                     }
                     reader, writer = ctx.Pipe(duplex=False)
                     p = ctx.Process(
-                        target=child_main,
-                        args=(fn, args, kwargs, setup, writer),
+                        target=child_main_by_value if by_value else child_main,
+                        args=(package, setup, writer) if by_value else work + (setup, writer),
                         name=f"course-worker-{rank}",
                         daemon=True,
                     )

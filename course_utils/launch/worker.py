@@ -165,6 +165,19 @@ def _dump_stack_on_signal(path: str | None) -> None:
     faulthandler.register(signal.SIGUSR1, file=_stack_file, all_threads=True)
 
 
+def child_main_by_value(package: bytes, setup: dict, conn) -> None:
+    """:func:`child_main` for a function sent by value (``cloudpickle``: a notebook's function in
+    a spawned worker)."""
+    try:
+        fn, args, kwargs = pickle.loads(package)
+    except BaseException as err:  # e.g. a module the function needs is missing here
+        message = f"the function could not be rebuilt in the worker: {err!r}"
+        conn.send_bytes(pickle.dumps(("error", (type(err).__name__, message, ""))))
+        conn.close()
+        exit_cleanly(1)
+    child_main(fn, args, kwargs, setup, conn)
+
+
 def child_main(fn, args, kwargs, setup: dict, conn) -> None:
     """Body of each worker process that :func:`course_utils.launch.run` starts: set up, run
     ``fn``, send ("ok"|"error", payload) through ``conn``, exit.
