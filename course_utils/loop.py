@@ -104,47 +104,64 @@ def fit(
     desc: str = "train",
     on_step: Callable[[int, History], None] | None = None,
     first_step: int = 0,
+    sync_every: int = 1,
 ) -> History:
     """Train for ``num_steps`` steps and return the :class:`History`.
 
     ``batch_size`` is the global batch (default: the first batch's size). ``reduce`` sums a small
     tensor across workers (default: nothing to sum, one process). ``step_fn`` lets a strategy
     replace the step (hand-written data parallel, a pipeline schedule) and keep the bookkeeping.
-    A loss that is not finite stops the run (:class:`NonFiniteLoss`, naming the step: counted
-    from ``first_step``, for a resumed run)."""
+    ``sync_every``: the workers' per-step metrics are summed every this many steps (counted from
+    step 0 of the whole run, and at the last step), all of them in one collective: each step's
+    global loss is still recorded, without a collective (a meeting of every worker) per step;
+    between two sums ``on_step`` sees the history up to the last one. A loss that is not finite
+    stops the run (:class:`NonFiniteLoss`, naming the step: counted from ``first_step``, for a
+    resumed run), at the next sum."""
     history = History(batch_size=batch_size or 0)
     # where the batches go: the model's device (ZeRO-3's model holds no parameters: its shards')
     first = next(model.parameters(), None)
     device = (first if first is not None else optimizer.param_groups[0]["params"][0]).device
     model.train()
     bar = tqdm(total=num_steps, desc=desc, disable=not progress, leave=False)
+    pending: list[torch.Tensor] = []  # this worker's [loss * n, correct, n] of unsummed steps
     try:
         for step, (X, y) in zip(range(num_steps), batches):
             X, y = X.to(device), y.to(device)
             start = time.perf_counter()
             loss, correct = step_fn(model, optimizer, X, y)
             # [loss * n, correct, n] summed over workers gives the exact global mean loss.
-            stats = torch.stack([loss * len(y), correct.to(loss.dtype), loss.new_tensor(len(y))])
-            if reduce is not None:
-                stats = reduce(stats)
-            total_loss, total_correct, n = stats.tolist()
-            if not math.isfinite(total_loss):  # every rank sees the same global loss
-                raise NonFiniteLoss(
-                    f"the loss is {total_loss / n} at step {first_step + len(history.losses) + 1}: "
-                    "training diverged (try a smaller --lr)"
-                )
+            pending.append(
+                torch.stack([loss * len(y), correct.to(loss.dtype), loss.new_tensor(len(y))])
+            )
+            done = first_step + step + 1
+            if done % sync_every == 0 or step == num_steps - 1:
+                _record(history, pending, reduce, first_step)
+                pending = []
+                bar.set_postfix(loss=f"{history.losses[-1]:.3f}", refresh=False)
             history.step_times.append(time.perf_counter() - start)
-            history.losses.append(total_loss / n)
-            history.accuracies.append(total_correct / n)
-            if not history.batch_size:
-                history.batch_size = int(n)
             bar.update(1)
-            bar.set_postfix(loss=f"{history.losses[-1]:.3f}", refresh=False)
             if on_step is not None:
                 on_step(step, history)
     finally:
         bar.close()
     return history
+
+
+def _record(history: History, pending: list, reduce, first_step: int) -> None:
+    """Sum the pending steps' metrics over the workers (one collective) and record them."""
+    stats = torch.stack(pending)  # (steps, 3)
+    if reduce is not None:
+        stats = reduce(stats)
+    for total_loss, total_correct, n in stats.tolist():
+        if not math.isfinite(total_loss):  # every rank sees the same global loss
+            raise NonFiniteLoss(
+                f"the loss is {total_loss / n} at step {first_step + len(history.losses) + 1}: "
+                "training diverged (try a smaller --lr)"
+            )
+        history.losses.append(total_loss / n)
+        history.accuracies.append(total_correct / n)
+        if not history.batch_size:
+            history.batch_size = int(n)
 
 
 @torch.no_grad()

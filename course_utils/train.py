@@ -41,6 +41,8 @@ from course_utils import (
 from course_utils.config import RunConfig, UsageError, parse, validate
 from course_utils.pipeline import worker as pipeline_worker
 
+SYNC_EVERY = 16  # steps between the sums of the workers' metrics (without --checkpoint-every)
+
 
 def role(cfg: RunConfig, me: launch.Worker) -> tuple[loop.Role, Callable[[], nn.Module | None]]:
     """This rank's part in the run, by strategy, and a function that returns the whole trained
@@ -139,6 +141,10 @@ def train_worker(cfg: RunConfig, progress: bool = False, announce: bool = False)
         desc=f"{cfg.model}, {cfg.parallel} ({workers})",
         on_step=on_step,
         first_step=start_step,
+        # the per-step global losses, summed over the workers every few steps rather than in a
+        # collective of their own every step (one meeting fewer per step: ~2-4% for DDP's CNN);
+        # a checkpoint's steps are among them, so that it holds every step's loss
+        sync_every=cfg.checkpoint_every or SYNC_EVERY,
     )
     profile = None
     if recorder is not None:

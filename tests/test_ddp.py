@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from conftest import ROOT
 
+import course_utils as cu
 from course_utils import collectives, data, ddp, hardware, launch, loop, models
 from course_utils.train import RunConfig, UsageError, run
 
@@ -169,3 +170,29 @@ def test_the_same_module_runs_unchanged_under_torchrun(tmp_path, cli):
     assert single.returncode == 0, single.stderr
     reference = json.loads((tmp_path / "one.json").read_text())["losses"]
     torch.testing.assert_close(result["losses"], reference, rtol=1e-4, atol=0)
+
+
+def test_the_loop_sums_the_workers_metrics_every_few_steps_and_keeps_every_step():
+    X, y = cu.data.mnist("train", limit=320)
+    calls = []
+
+    def counted_sum(stats):  # one process's reduce: count the collectives it would be
+        calls.append(tuple(stats.shape))
+        return stats
+
+    def run(sync_every, lr=0.01):
+        model = cu.models.build("cnn", seed=0)
+        optimizer = cu.loop.make_optimizer(model, lr)
+        batches = cu.data.batches(X, y, 32, 10, 0)
+        return cu.loop.fit(
+            model, optimizer, batches, 10, reduce=counted_sum, progress=False, sync_every=sync_every
+        )
+
+    every_step = run(1)
+    assert len(calls) == 10
+    calls.clear()
+    batched = run(4)
+    assert calls == [(4, 3), (4, 3), (2, 3)]  # steps 1-4, 5-8, and the last two
+    assert batched.losses == every_step.losses and len(batched.step_times) == 10
+    with pytest.raises(cu.loop.NonFiniteLoss, match=r"at step \d+:"):
+        run(4, lr=1e12)
