@@ -142,6 +142,8 @@ def fit(
             bar.update(1)
             if on_step is not None:
                 on_step(step, history)
+        if pending:  # the batches ran out before num_steps: record what was trained
+            _record(history, pending, reduce, first_step)
     finally:
         bar.close()
     return history

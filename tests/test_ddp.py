@@ -196,3 +196,13 @@ def test_the_loop_sums_the_workers_metrics_every_few_steps_and_keeps_every_step(
     assert batched.losses == every_step.losses and len(batched.step_times) == 10
     with pytest.raises(cu.loop.NonFiniteLoss, match=r"at step \d+:"):
         run(4, lr=1e12)
+    model = cu.models.build("cnn", seed=0)  # fewer batches than steps: every trained step kept
+    short = cu.loop.fit(
+        model,
+        cu.loop.make_optimizer(model, 0.01),
+        cu.data.batches(X, y, 32, 6, 0),
+        10,
+        progress=False,
+        sync_every=4,
+    )
+    assert short.losses == every_step.losses[:6]
