@@ -68,6 +68,8 @@ def summarise(model: str, batch_size: int, steps: int, runs: dict) -> dict:
         "speedup_vs_1x1": statistics.median(
             a / b for a, b in zip(two, rates["1 worker x 1 thread"])
         ),
+        "speedup_vs_1x1_min": min(a / b for a, b in zip(two, rates["1 worker x 1 thread"])),
+        "speedup_vs_1x1_max": max(a / b for a, b in zip(two, rates["1 worker x 1 thread"])),
         "speedup_vs_1x2": statistics.median(
             a / b for a, b in zip(two, rates["1 worker x 2 threads"])
         ),

@@ -46,14 +46,20 @@ def loop_rows(d: dict) -> list[str]:
 def ddp_rows(d: dict) -> list[str]:
     rows = d["results"]
     best = max(rows, key=lambda r: r["speedup_vs_1x1"])
+
+    def spread(r: dict) -> str:  # the paired ratios' range over the repeats, when recorded
+        if "speedup_vs_1x1_min" not in r:
+            return ""
+        return f" ({r['speedup_vs_1x1_min']:.2f}–{r['speedup_vs_1x1_max']:.2f})"
+
     per_batch = ", ".join(
-        f"batch {r['batch_size']}: {_x(r['speedup_vs_1x1'])} / {_x(r['speedup_vs_1x2'])}"
+        f"batch {r['batch_size']}: {_x(r['speedup_vs_1x1'])}{spread(r)} / {_x(r['speedup_vs_1x2'])}"
         for r in rows
     )
     return [
-        "| CNN, DDP 2 workers × 1 thread vs 1 worker × 1 thread / vs 1 worker × 2 threads "
-        f"(`bench_ddp.py`) | {per_batch} (best {_x(best['speedup_vs_1x1'])} at batch "
-        f"{best['batch_size']}) |"
+        "| CNN, DDP 2 workers × 1 thread vs 1 worker × 1 thread (min–max of the paired repeats) / "
+        f"vs 1 worker × 2 threads (median of {rows[0].get('repeats', '?')}, `bench_ddp.py`) | "
+        f"{per_batch} (best {_x(best['speedup_vs_1x1'])} at batch {best['batch_size']}) |"
     ]
 
 
