@@ -14,21 +14,18 @@ spent inside the all-reduces. Writes benchmarks/results/tp.json.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from _results import save
 
 import course_utils as cu
 from course_utils import tensor_parallel as tp
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = [(64, 64), (128, 256), (256, 256), (512, 256)]  # (width, global batch)
 
 
@@ -102,17 +99,7 @@ def main() -> None:
                 share = f", all-reduce {comm.median:.0%} of a step" if engine == "hand" else ""
                 print(f"width {dim:3} batch {batch:3} {engine:7}: {speedup}x one process{share}")
     print(watch.note())
-    out = {
-        "machine": {
-            "cores": cu.hardware.num_cores(),
-            "python": platform.python_version(),
-            "others_busy_cores": watch.others,
-        },
-        "repeats": args.repeats,
-        "rows": rows,
-    }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "tp.json").write_text(json.dumps(out, indent=1))
+    save("tp", rows, args.repeats, watch)
 
 
 if __name__ == "__main__":

@@ -16,18 +16,15 @@ Writes benchmarks/results/widgets.json.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
-from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 
-import course_utils as cu  # noqa: E402
+from _results import save  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+import course_utils as cu  # noqa: E402
 
 
 def time_click(panel) -> dict:
@@ -101,17 +98,7 @@ def main() -> None:
                 f"{row['first_point_s']['median']:.2f} s, done {row['done_s']['median']:.2f} s"
             )
     print(watch.note())
-    out = {
-        "machine": {
-            "cores": cu.hardware.num_cores(),
-            "python": platform.python_version(),
-            "others_busy_cores": watch.others,
-        },
-        "repeats": args.repeats,
-        "rows": rows,
-    }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "widgets.json").write_text(json.dumps(out, indent=1))
+    save("widgets", rows, args.repeats, watch)
 
 
 if __name__ == "__main__":

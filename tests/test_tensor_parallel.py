@@ -21,6 +21,13 @@ def batch(n=16):
 def one_process(steps=0):
     """Loss and gradients of the whole transformer on one batch (after ``steps`` SGD steps)."""
     model = cu.models.build("transformer", seed=0)
+    loss = train_then_backward(model, steps)
+    return loss, {n: p.grad.clone() for n, p in model.named_parameters()}, model
+
+
+def train_then_backward(model, steps: int) -> float:
+    """``steps`` SGD steps on one batch, then the loss of one more forward, its gradients left
+    in ``.grad``."""
     X, y = batch()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(steps):
@@ -30,7 +37,7 @@ def one_process(steps=0):
     optimizer.zero_grad()
     loss = F.cross_entropy(model(X), y)
     loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}, model
+    return loss.item()
 
 
 def by_hand():
@@ -60,20 +67,12 @@ def with_dtensor(sequence_parallel, steps):
     mesh = tp.mesh(1, dist.get_world_size())["tp"]
     model = cu.models.build("transformer", seed=0)
     parallelize_module(model, mesh, tp.plan(model, sequence_parallel))
-    X, y = batch()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        F.cross_entropy(model(X), y).backward()
-        optimizer.step()
-    optimizer.zero_grad()
-    loss = F.cross_entropy(model(X), y)
-    loss.backward()
+    loss = train_then_backward(model, steps)
     full = {
         n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
         for n, p in model.named_parameters()
     }
-    return loss.item(), full
+    return loss, full
 
 
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "tp+sp"])

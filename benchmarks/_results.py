@@ -1,0 +1,29 @@
+"""Where a benchmark writes what it measured: benchmarks/results/<name>.json, with the machine."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import course_utils as cu
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def save(name: str, rows: list, repeats: int, watch) -> Path:
+    """``rows`` of one benchmark, its ``repeats`` and how busy the machine was (``watch``: a
+    ``cu.measure.Watch`` around the measurements)."""
+    out = {
+        "machine": {
+            "cores": cu.hardware.num_cores(),
+            "python": platform.python_version(),
+            "others_busy_cores": watch.others,
+        },
+        "repeats": repeats,
+        "rows": rows,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(out, indent=1))
+    return path
