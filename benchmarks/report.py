@@ -66,6 +66,26 @@ def ddp_rows(d: dict) -> list[str]:
 NAMES = {"cnn": "CNN", "rnn": "RNN", "transformer": "Transformer"}
 
 
+def _pipeline_cell(r: dict) -> str:
+    """One m of a pipeline row: speedup, share of the bound (its range over the repeats), and,
+    where recorded, where the step went: the stages' work over one process's, the idle share."""
+    cell = f"m={r['microbatches']}: {_x(r['speedup'])} ({r['fraction_of_bound']:.0%}"
+    if "fraction_of_bound_min" in r:
+        cell += f", {r['fraction_of_bound_min']:.0%}–{r['fraction_of_bound_max']:.0%}"
+    if "fraction_of_bound_microbatched" in r:
+        cell += f"; {r['fraction_of_bound_microbatched']:.0%} over the same microbatches"
+    if "stage_work_over_one_process" in r:
+        cell += (
+            f"; stages' work {r['stage_work_over_one_process']:.2f}x one process's, busy "
+            f"{'/'.join(f'{t:.0f}' for t in r['stage_busy_ms'])} ms, idle "
+            f"{r['measured_bubble']:.0%} (formula {r['formula_bubble']:.0%})"
+        )
+    if "network_thread_ms_per_step" in r:
+        ms = "/".join(f"{t:.0f}" for t in r["network_thread_ms_per_step"])  # 1 ms resolution
+        cell += f"; gloo's network thread {ms} ms of CPU per step"
+    return cell + ")"
+
+
 def pipeline_rows(d: dict) -> list[str]:
     out = []
     for model in ("cnn", "rnn", "transformer"):
@@ -77,15 +97,7 @@ def pipeline_rows(d: dict) -> list[str]:
                 "zbv",
                 "dualpipev",
             )  # 2 stages per worker: 1F1B's bound as the yardstick
-            cells = ", ".join(
-                f"m={r['microbatches']}: {_x(r['speedup'])} ({r['fraction_of_bound']:.0%}"
-                + (
-                    f"; {r['fraction_of_bound_microbatched']:.0%} over the same microbatches)"
-                    if "fraction_of_bound_microbatched" in r
-                    else ")"
-                )
-                for r in rows
-            )
+            cells = ", ".join(_pipeline_cell(r) for r in rows)
             batch = rows[0].get("batch_size", d["batch_size"])
             layout = "2 workers × 2 stages in a V" if v else "2 stages"
             bound = "1F1B's bound" if v else "the bound m·p/(m+p−1)"
@@ -185,9 +197,10 @@ def figure_pipeline(d: dict) -> str:
             for r in d["rows"]
             if r["model"] == "cnn" and r["schedule"] == schedule
         }
-        series[f"CNN, {schedule}"] = [by_m.get(m, float("nan")) for m in ms]  # 1F1B needs m >= p
+        series[schedule] = [by_m.get(m, float("nan")) for m in ms]  # 1F1B needs m >= p
     bound = [schedules.speedup_bound(d["num_stages"], m) for m in ms]
-    title = f"Pipeline, {d['num_stages']} stages, over 1 process"
+    batch = next(r.get("batch_size") for r in d["rows"] if r["model"] == "cnn")
+    title = f"CNN pipeline, {d['num_stages']} stages, batch {batch}, over 1 process"
     fig = _speedup_figure(ms, series, bound, "bound m·p/(m+p−1)", "microbatches m", title)
     return _save(fig, "bench_pipeline.png")
 

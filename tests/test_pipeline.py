@@ -84,13 +84,39 @@ def test_units_compose_to_the_model(name):
     assert shapes[-1] == (10,)
 
 
+@pytest.mark.parametrize("cut", [16, 32, 48])
+def test_conv2_slices_do_the_layers_arithmetic_forward_and_backward(cut):
+    # Each slice pools its own channels and the boundary carries conv2's input plus the pooled
+    # channels so far: same logits and same gradients (every parameter) as the whole CNN.
+    X, y = cu.data.mnist("train", limit=16)
+    reference = cu.models.build("cnn", seed=0)
+    torch.nn.functional.cross_entropy(reference(X), y).backward()
+    model = cu.models.build("cnn", seed=0)
+    pieces = [
+        stages.CNNBlock1(model),
+        stages.Conv2Slice(model, 0, cut),
+        stages.Conv2Slice(model, cut, 64),
+        stages.Head(model),
+    ]
+    h0 = pieces[1](pieces[0](X))
+    assert h0.shape == (16, 32 * 14 * 14 + cut * 7 * 7)  # input + pooled channels, per sample
+    torch.nn.functional.cross_entropy(pieces[3](pieces[2](h0)), y).backward()
+    grads = cu.checkpoint.assemble(
+        [(full, row, p.grad) for full, row, p in stages.param_origins(torch.nn.Sequential(*pieces))]
+    )
+    expected = {name: p.grad for name, p in reference.named_parameters()}
+    assert grads.keys() == expected.keys()
+    for name, grad in expected.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6)
+
+
 def test_plan_balances_the_measured_costs_of_the_units():
-    # conv1 block costly (as on a CPU), conv2's halves even, fc a sliver
+    # conv1 block costly (as on a CPU), conv2's slices, fc a sliver
     costs = [(10.0, 10.0), (8.5, 8.5), (13.5, 13.5), (0.5, 0.5)]
     assert stages.plan(costs, 2) == [2, 2]  # 37 vs 28
     assert stages.plan([(8.0, 8.0), (1.0, 1.0), (1.0, 1.0), (1.0, 1.0)], 2) == [1, 3]
     assert stages.plan(costs, 4) == [1, 1, 1, 1]
-    assert stages.unit_names("cnn")[1:3] == ["conv2 ch 0-31", "conv2 ch 32-63 + pool"]
+    assert stages.unit_names("cnn")[1:3] == ["conv2 ch 0-15 + pool", "conv2 ch 16-63 + pool"]
     sim = stages.simulate_plan(costs, "gpipe", 2, 4)
     busy = {s: sum(e.end - e.start for e in sim if e.stage == s) for s in (0, 1)}
     assert busy == pytest.approx({0: 4 * 37.0, 1: 4 * 28.0})  # each stage's units, m times

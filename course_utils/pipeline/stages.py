@@ -3,11 +3,13 @@
 A model is first cut into *units*, the smallest pieces a stage can hold, each a module that takes
 one tensor and returns one tensor (what travels between stages):
 
-- CNN: ``conv1 block | conv2, output channels 0-31 | conv2, channels 32-63 + ReLU + pool | fc``.
-  ``conv2`` does ~90% of the CNN's work, so cutting only between layers could never give two
-  balanced stages; its output channels are independent, so it is split in two halves, each on
-  its own unit. The first half passes its input along with its result, so that the second half
-  can compute its own channels (same arithmetic as the whole layer).
+- CNN: ``conv1 block | conv2 ch 0-15 + pool | conv2 ch 16-63 + pool | fc``. ``conv2`` has ~94%
+  of the CNN's multiply-adds, so cutting only between layers could never give two balanced
+  stages; its output channels are independent, so it is cut in two slices of channels, each on
+  its own unit. The first slice passes its input along with its (pooled) result, so that the
+  second can compute its own channels (same arithmetic as the whole layer). The cut is after
+  :data:`CONV2_CUT` channels, not half-way: the first stage also holds conv1's block, whose
+  single-channel convolution and 28 x 28 pooling cost a CPU far more than their arithmetic.
 - RNN: ``nn.RNN | fc``. The recurrent layer is one layer deep and its 28 time steps share one set
   of weights, so there is no honest cut inside it: two stages, very unbalanced (see lesson 06).
 - Transformer: ``tokens | block 0 | ... | block 3 | norm + head``: identical blocks, the case
@@ -43,24 +45,35 @@ class CNNBlock1(nn.Module):
 
 
 class Conv2Slice(nn.Module):
-    """Output channels ``lo:hi`` of the CNN's conv2. Input: conv2's input (32 channels) followed
-    by the channels computed so far; output: the same plus this slice's channels, or, for the
-    last slice, ReLU + pool of all 64 channels: (B, 64, 7, 7)."""
+    """Output channels ``lo:hi`` of the CNN's conv2, with their ReLU and pool (both act on each
+    channel alone, so pooling each slice's channels gives the pooled layer's channels).
+
+    What travels between slices is one flat tensor per sample: conv2's input (32 x 14 x 14)
+    followed by the pooled channels computed so far (``lo`` x 7 x 7). The first slice takes the
+    input as an image, (B, 32, 14, 14); the last returns the pooled 64 channels, flat: (B, 3136).
+    Each slice pools its own channels before sending them, so a boundary carries 7 x 7 maps, not
+    14 x 14 ones, and the stages share the pooling."""
 
     def __init__(self, model: nn.Module, lo: int, hi: int):
         super().__init__()
         conv = model.conv2
-        self.in_channels, self.last = conv.in_channels, hi == conv.out_channels
+        self.in_channels, self.lo, self.last = conv.in_channels, lo, hi == conv.out_channels
         self.weight = nn.Parameter(conv.weight.detach()[lo:hi].clone())  # (hi-lo, 32, 5, 5)
         self.bias = nn.Parameter(conv.bias.detach()[lo:hi].clone())
         self.padding, self.pool = conv.padding, model.pool
         self.origin = {"weight": ("conv2.weight", lo), "bias": ("conv2.bias", lo)}
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x, done = z[:, : self.in_channels], z[:, self.in_channels :]  # (B, 32, 14, 14), (B, lo, ..)
+        if self.lo == 0:  # conv2's input, (B, 32, 14, 14)
+            x, done = z, None
+        else:  # flat: the input's 32 x 14 x 14 values, then lo pooled 7 x 7 maps
+            size = z.size(1) - self.lo * 7 * 7
+            flat, done = torch.split(z, [size, z.size(1) - size], dim=1)
+            x = flat.view(z.size(0), self.in_channels, 14, 14)
         new = F.conv2d(x, self.weight, self.bias, padding=self.padding)  # (B, hi - lo, 14, 14)
-        out = torch.cat([done, new], dim=1)  # (B, hi, 14, 14)
-        return self.pool(F.relu(out)) if self.last else torch.cat([x, out], dim=1)
+        new = self.pool(F.relu(new)).flatten(1)  # (B, (hi - lo) x 7 x 7)
+        out = new if done is None else torch.cat([done, new], dim=1)  # (B, hi x 7 x 7)
+        return out if self.last else torch.cat([x.flatten(1), out], dim=1)
 
 
 class RNNBody(nn.Module):
@@ -122,15 +135,23 @@ class TransformerHead(nn.Module):
         return self.head(self.norm(x).mean(dim=1))
 
 
+# conv2's output channels on the first of its two units. Measured with one thread per stage
+# (lesson 06 times the cuts 16, 32 and 48): conv1's block costs about a third of the CNN's step,
+# so the stage that holds it takes fewer of conv2's channels; and CPU convolution kernels work
+# on blocks of 16 channels (8 without AVX-512), so a cut in between (24, say) costs more than
+# either neighbour. After 16 channels the 2 stages came out within ~10% of each other.
+CONV2_CUT = 16
+
+
 def units(name: str, model: nn.Module) -> list[nn.Module]:
     """The smallest pieces ``model`` (``"cnn"``, ``"rnn"`` or ``"transformer"``) can be cut into,
-    in order. The CNN's conv2 is split half-way through its output channels (see :func:`plan`)."""
+    in order. The CNN's conv2 is cut after :data:`CONV2_CUT` output channels."""
     if name == "cnn":
         n = model.conv2.out_channels
         return [
             CNNBlock1(model),
-            Conv2Slice(model, 0, n // 2),
-            Conv2Slice(model, n // 2, n),
+            Conv2Slice(model, 0, CONV2_CUT),
+            Conv2Slice(model, CONV2_CUT, n),
             Head(model),
         ]
     if name == "rnn":
@@ -144,7 +165,8 @@ def units(name: str, model: nn.Module) -> list[nn.Module]:
 def unit_names(name: str, depth: int = 4) -> list[str]:
     """Names of the units of :func:`units`, for printing."""
     if name == "cnn":
-        return ["conv1 block", "conv2 ch 0-31", "conv2 ch 32-63 + pool", "fc"]
+        cut = CONV2_CUT
+        return ["conv1 block", f"conv2 ch 0-{cut - 1} + pool", f"conv2 ch {cut}-63 + pool", "fc"]
     if name == "transformer":
         return ["tokens", *(f"block {i}" for i in range(depth)), "norm + head"]
     return ["nn.RNN", "fc"]
@@ -174,9 +196,7 @@ def balance(costs: list[float], num_stages: int) -> list[int]:
 
 def plan(costs: list[tuple[float, float]], num_stages: int) -> list[int]:
     """Units per stage from per-unit (forward, backward) costs: :func:`balance` of their sums.
-    (The CNN's conv2 is always cut half-way: other split points measured no better, because CPU
-    convolution kernels work on blocks of 16 channels, so a slice's cost rises in steps, and at
-    16 or 48 channels one of the two stages is clearly slower.)"""
+    (Where the CNN's conv2 is cut between its two units is fixed: :data:`CONV2_CUT`.)"""
     return balance([f + b for f, b in costs], num_stages)
 
 

@@ -283,6 +283,7 @@ def profile(run: Profile) -> dict | None:
         step_fn=part.step_fn,
         reduce=part.reduce,
         progress=False,
+        sync_every=run.num_steps,  # the losses gathered once, at the end: no meeting per step
     )
     everything = [None] * num_stages if pipe.rank == 0 else None
     dist.gather_object(pipe.events, everything, dst=0)
