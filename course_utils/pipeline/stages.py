@@ -139,7 +139,7 @@ class TransformerHead(nn.Module):
 # (lesson 06 times the cuts 16, 32 and 48): conv1's block costs about a third of the CNN's step,
 # so the stage that holds it takes fewer of conv2's channels; and CPU convolution kernels work
 # on blocks of 16 channels (8 without AVX-512), so a cut in between (24, say) costs more than
-# either neighbour. After 16 channels the 2 stages came out within ~10% of each other.
+# either neighbour. After 16 channels the 2 stages came out within 10-16% of each other.
 CONV2_CUT = 16
 
 
