@@ -170,7 +170,7 @@ def build(notebooks: Path, out: Path, repository: str | None = None) -> list[Pat
         target.write_text(links(page))
         written.append(target)
     readme = (ROOT / "README.md").read_text()
-    for lesson in sorted(lessons):  # the lesson map's `07_sharding` cells become links
+    for lesson in sorted(lessons):  # the lesson map's `08_sharding` cells become links
         readme = readme.replace(f"| `{lesson}` |", f"| [`{lesson}`]({lesson}.ipynb) |")
     index = out / "index.html"
     index.write_text(markdown_page("Parallel Deep Learning with PyTorch", readme, links))

@@ -7,6 +7,7 @@ processes and CI never need a screen.
 """
 
 import importlib
+import importlib.util
 import os
 import sys
 
@@ -18,9 +19,9 @@ import sys
 TORCH_LOADED_FIRST = "torch" in sys.modules  # then this process's threads keep torch's policy
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from course_utils import data, hardware, loop, measure, models  # noqa: E402
+from course_utils import data, hardware, loop, measure, models, readout  # noqa: E402
 
-__all__ = ["data", "hardware", "loop", "measure", "models", "FAST", "pick"]
+__all__ = ["data", "hardware", "loop", "measure", "models", "readout", "FAST", "pick"]
 
 _LAZY = {
     "plots",
@@ -52,6 +53,7 @@ def pick(full, fast):
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
+    # any submodule or subpackage (the list above, and any a lesson adds) loads on first use
+    if name in _LAZY or importlib.util.find_spec(f"course_utils.{name}") is not None:
         return importlib.import_module(f"course_utils.{name}")
     raise AttributeError(f"module 'course_utils' has no attribute {name!r}")

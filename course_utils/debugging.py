@@ -1,4 +1,4 @@
-"""Reading the evidence a parallel run leaves behind (lesson 09): one step of a profiler trace,
+"""Reading the evidence a parallel run leaves behind (lesson 10): one step of a profiler trace,
 where the memory of a step went, every rank's trace in one file, and the frames of a stack dump.
 
 Pure functions of what :mod:`course_utils.profiling` and :mod:`course_utils.launch` produce:

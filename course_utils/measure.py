@@ -81,14 +81,28 @@ def spread(samples: Iterable[float]) -> Spread:
     return Spread(samples)
 
 
-def interleaved(measures: dict[str, Callable[[], float]], repeats: int) -> dict[str, Spread]:
-    """Run every measure once per round, in turns, for ``repeats`` rounds; their spreads."""
+def interleaved(
+    measures: dict[str, Callable[[], float]], repeats: int, progress: str | None = None
+) -> dict[str, Spread]:
+    """Run every measure once per round, in turns, for ``repeats`` rounds; their spreads.
+    ``progress``: a description for a progress bar over the runs (none when ``None``)."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     samples: dict[str, list[float]] = {name: [] for name in measures}
+    bar = None
+    if progress is not None:
+        from tqdm.auto import tqdm  # only where a bar is asked for: this module stays light
+
+        bar = tqdm(total=repeats * len(measures), desc=progress, leave=False)
     for _ in range(repeats):
         for name, measure in measures.items():
+            if bar is not None:
+                bar.set_postfix_str(str(name))
             samples[name].append(float(measure()))
+            if bar is not None:
+                bar.update()
+    if bar is not None:
+        bar.close()
     return {name: spread(values) for name, values in samples.items()}
 
 

@@ -1,5 +1,5 @@
 """The article's CNN and RNN, corrected, an RNN written straight from its formula, and a small
-transformer (lessons 06-08: many identical blocks, the model that pipeline and tensor parallelism
+transformer (lessons 06-09: many identical blocks, the model that pipeline and tensor parallelism
 are made for).
 
 The source article's code had three bugs, fixed here. The course numbers them once, and lessons 01
@@ -88,7 +88,7 @@ class FormulaRNN(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head self-attention with separate query, key, value and output projections, so that
-    tensor parallelism can split it by heads (lesson 08): each rank computes some heads. The
+    tensor parallelism can split it by heads (lesson 09): each rank computes some heads. The
     number of heads is read from the projections' width, so the same code runs whole or split."""
 
     def __init__(self, dim: int, heads: int):

@@ -1,4 +1,4 @@
-"""Tensor parallelism (lesson 08): split the layers themselves, so that each rank holds a slice of
+"""Tensor parallelism (lesson 09): split the layers themselves, so that each rank holds a slice of
 every weight matrix and computes a slice of every product.
 
 Megatron-LM's recipe (Shoeybi et al. 2019, arXiv:1909.08053) for a transformer block:

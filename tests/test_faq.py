@@ -69,7 +69,7 @@ def test_the_decision_guide_prefers_a_pipeline_on_a_slow_network():
     assert choice.step_s < faq.plan(1, 8, **slow).step_s
 
 
-# Lesson 10's figures ----------------------------------------------------------------------------
+# Lesson 11's figures ----------------------------------------------------------------------------
 
 
 def test_the_cost_model_plot_gives_each_model_one_colour_solid_measured_and_dashed_modelled():

@@ -1,4 +1,4 @@
-"""Lesson 09's helpers (course_utils.debugging): one step of a trace, where a step's memory went,
+"""Lesson 10's helpers (course_utils.debugging): one step of a trace, where a step's memory went,
 every rank's trace in one file, and the frames of a launch's stack dump."""
 
 import json

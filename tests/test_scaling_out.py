@@ -1,4 +1,4 @@
-"""Scaling out with torchrun (lesson 10, scripts/README.md): the multi-node form of the training
+"""Scaling out with torchrun (lesson 11, scripts/README.md): the multi-node form of the training
 entry point, run on one machine, and a worker killed mid-run that torchrun restarts from the last
 checkpoint. Both end with the per-step losses of one process training alone."""
 

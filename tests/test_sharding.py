@@ -1,4 +1,4 @@
-"""Sharded data parallel (lesson 07): ZeRO-1/2/3 by hand and FSDP2 train exactly like one process,
+"""Sharded data parallel (lesson 08): ZeRO-1/2/3 by hand and FSDP2 train exactly like one process,
 hold the bytes the formulas say, and their checkpoints reshard."""
 
 import shutil

@@ -1,4 +1,4 @@
-"""Lesson 07's figures: the model state per rank against the world size, the bytes a step sends
+"""Lesson 08's figures: the model state per rank against the world size, the bytes a step sends
 against the formula, and the bytes each rank holds, stacked, against the formula."""
 
 import matplotlib.pyplot as plt

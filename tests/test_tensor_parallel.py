@@ -1,4 +1,4 @@
-"""Tensor parallelism (lesson 08): Megatron's split by hand, DTensor's plan, and a 2-D mesh, each
+"""Tensor parallelism (lesson 09): Megatron's split by hand, DTensor's plan, and a 2-D mesh, each
 equal to one process (outputs, gradients, a few training steps); the CLI's --parallel tp and --tp."""
 
 import json

@@ -1,4 +1,4 @@
-"""Lesson 08's figures: Megatron's MLP split, a device mesh's groups, and the measured
+"""Lesson 09's figures: Megatron's MLP split, a device mesh's groups, and the measured
 tensor-parallel speedups with their spreads."""
 
 import matplotlib.pyplot as plt

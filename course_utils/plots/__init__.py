@@ -8,11 +8,11 @@ own grid) and returns the figure; importing this package changes no global matpl
 - :mod:`~course_utils.plots.diagrams` and :mod:`~course_utils.plots.scaling_laws`: lesson 03;
 - :mod:`~course_utils.plots.communication`: lesson 04; :mod:`~course_utils.plots.data_parallel`:
   lesson 05; :mod:`~course_utils.plots.pipeline`: lesson 06; :mod:`~course_utils.plots.faq`:
-  lesson 10;
-- :mod:`~course_utils.plots.sharding`: lesson 07 (memory per rank under ZeRO, traffic by stage);
-- :mod:`~course_utils.plots.tensor_parallel`: lesson 08 (Megatron's split, a device mesh, the
+  lesson 11;
+- :mod:`~course_utils.plots.sharding`: lesson 08 (memory per rank under ZeRO, traffic by stage);
+- :mod:`~course_utils.plots.tensor_parallel`: lesson 09 (Megatron's split, a device mesh, the
   measured tensor-parallel speedup and communication share);
-- :mod:`~course_utils.plots.profiling`: lesson 09 (timelines and memory from traces).
+- :mod:`~course_utils.plots.profiling`: lesson 10 (timelines and memory from traces).
 """
 
 from course_utils.plots.communication import *  # noqa: F403

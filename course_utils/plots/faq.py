@@ -1,4 +1,4 @@
-"""Figures of lesson 10: the decision guide, the compute-to-communication ratio measured against
+"""Figures of lesson 11: the decision guide, the compute-to-communication ratio measured against
 the cost model, step times of ranks that wait for each other, attribution maps and how far they
 agree, and an autoencoder's 2-D code."""
 
@@ -32,7 +32,7 @@ def decision_map(
     marks: dict | None = None,
     ax=None,
 ):
-    """Which strategy wins where (lesson 10's decision guide): ``choices[i][j]`` is the label at
+    """Which strategy wins where (lesson 11's decision guide): ``choices[i][j]`` is the label at
     ``(xs[j], ys[i])``, one colour per label, both axes logarithmic; ``marks`` ``{"name": (x, y)}``
     places named points (e.g. this machine) on the map."""
     from matplotlib.colors import ListedColormap
@@ -78,7 +78,7 @@ def cost_model(
     title: str | None = None,
     ax=None,
 ):
-    """Measured against modelled ratios (lesson 10's compute-to-communication ratio): one colour
+    """Measured against modelled ratios (lesson 11's compute-to-communication ratio): one colour
     per model, its measurements solid (medians of :class:`course_utils.measure.Spread` s, min-max
     bars, noisy points hollow) and the cost model dashed; log-log, with the line where the two
     times are equal."""
@@ -193,7 +193,7 @@ def agreement_matrix(
     k: int,
     title: str | None = None,
 ):
-    """How far attribution methods agree (lesson 10): two matrices, the mean Spearman rank
+    """How far attribution methods agree (lesson 11): two matrices, the mean Spearman rank
     correlation of their patch scores and the mean overlap of their top-``k`` patches, from
     :func:`course_utils.interpret.agreement` (``pairs[(a, b)]`` with keys ``spearman`` and
     ``overlap``); each cell is written in."""
@@ -239,7 +239,7 @@ def code_map(
     extent: tuple[float, float, float, float],
     title: str | None = None,
 ):
-    """An autoencoder's 2-D code (lesson 10): left, the code of each image as a dot coloured by
+    """An autoencoder's 2-D code (lesson 11): left, the code of each image as a dot coloured by
     its digit, the digit written at its class's mean; right, what the decoder draws at a grid of
     codes over the same ``extent`` ``(xmin, xmax, ymin, ymax)`` (``decoded``: ``(rows, cols,
     H, W)``, row 0 at the bottom)."""

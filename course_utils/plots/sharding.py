@@ -1,4 +1,4 @@
-"""Figures of lesson 07 (sharded data parallel): the model state per rank against the world size
+"""Figures of lesson 08 (sharded data parallel): the model state per rank against the world size
 under each ZeRO stage, the bytes a step sends against the formula, and the bytes each rank holds,
 measured, against the formula."""
 

@@ -1,4 +1,4 @@
-"""Figures of lesson 08 (tensor parallelism): Megatron's split of an MLP over two ranks, a
+"""Figures of lesson 09 (tensor parallelism): Megatron's split of an MLP over two ranks, a
 device mesh's groups, and the measured speedup and communication share against width and batch."""
 
 from __future__ import annotations

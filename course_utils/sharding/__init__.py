@@ -1,4 +1,4 @@
-"""Sharded data parallel (lesson 07): ZeRO-1/2/3 written by hand, then PyTorch's FSDP2, the bytes
+"""Sharded data parallel (lesson 08): ZeRO-1/2/3 written by hand, then PyTorch's FSDP2, the bytes
 each rank holds, and the formulas they are checked against.
 
 Data parallel keeps a whole copy of the parameters, the gradients and the optimizer state on every

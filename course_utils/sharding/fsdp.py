@@ -1,5 +1,5 @@
 """PyTorch's FSDP2 (``fully_shard``): the course's units, a whole model's state gathered from its
-shards, and ``--parallel fsdp``'s role in a run (lesson 07)."""
+shards, and ``--parallel fsdp``'s role in a run (lesson 08)."""
 
 from __future__ import annotations
 

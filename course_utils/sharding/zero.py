@@ -1,4 +1,4 @@
-"""ZeRO-1, 2 and 3 written by hand with two collectives (lesson 07): ``reduce_scatter`` of the
+"""ZeRO-1, 2 and 3 written by hand with two collectives (lesson 08): ``reduce_scatter`` of the
 gradients, each rank updating its shard, ``all_gather`` of the parameters; ZeRO-3 gathers a module's
 weights just before it runs and again in backward (autograd's saved-tensor hooks)."""
 
