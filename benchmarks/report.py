@@ -1,9 +1,12 @@
-"""Turn benchmarks/results/*.json into the README's results table and figures.
+"""Turn benchmarks/results/*.json into docs/benchmarks.md's tables and figures, and the README's
+five headline lines.
 
     python benchmarks/report.py        (make bench runs it after the benchmarks)
 
-Writes docs/img/bench_*.png and rewrites the part of README.md between the markers
-``<!-- bench:start -->`` and ``<!-- bench:end -->``. Every figure is a ratio measured within one run
+Writes docs/img/bench_*.png, rewrites the part of docs/benchmarks.md between the markers
+``<!-- bench:start -->`` and ``<!-- bench:end -->`` (one table per benchmark, one row per
+configuration), and the README's lines between ``<!-- headline:start -->`` and
+``<!-- headline:end -->``. Every figure is a ratio measured within one run
 (the benchmarks alternate what they compare), so a busy machine lowers them but does not bias them.
 """
 
@@ -26,7 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 IMG = ROOT / "docs" / "img"
 README = ROOT / "README.md"
-START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+BENCHMARKS = ROOT / "docs" / "benchmarks.md"
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"  # the tables, in docs/benchmarks.md
+HEAD_START, HEAD_END = "<!-- headline:start -->", "<!-- headline:end -->"  # five lines, README
 
 
 def _load(name: str) -> dict | None:
@@ -38,126 +43,184 @@ def _x(value: float) -> str:
     return f"{value:.2f}x"
 
 
-def loop_rows(d: dict) -> list[str]:
-    cells = ", ".join(f"{r['model'].upper()} {r['ratio_course_over_bare']:.3f}" for r in d["rows"])
-    return [f"| course training loop vs a bare PyTorch loop, throughput ratio | {cells} |"]
+def _range(lo: float, hi: float) -> str:
+    return f"{lo:.2f}–{hi:.2f}"
 
 
-def ddp_rows(d: dict) -> list[str]:
-    rows = d["results"]
-    best = max(rows, key=lambda r: r["speedup_vs_1x1"])
-
-    def spread(r: dict) -> str:  # the paired ratios' range over the repeats, when recorded
-        if "speedup_vs_1x1_min" not in r:
-            return ""
-        return f" ({r['speedup_vs_1x1_min']:.2f}–{r['speedup_vs_1x1_max']:.2f})"
-
-    per_batch = ", ".join(
-        f"batch {r['batch_size']}: {_x(r['speedup_vs_1x1'])}{spread(r)} / {_x(r['speedup_vs_1x2'])}"
-        for r in rows
-    )
-    return [
-        "| CNN, DDP 2 workers × 1 thread vs 1 worker × 1 thread (min–max of the paired repeats) / "
-        f"vs 1 worker × 2 threads (median of {rows[0].get('repeats', '?')}, `bench_ddp.py`) | "
-        f"{per_batch} (best {_x(best['speedup_vs_1x1'])} at batch {best['batch_size']}) |"
+def loop_table(d: dict) -> tuple[str, list[str], list[list]]:
+    rows = [
+        [r["model"].upper(), r["batch_size"], f"{r['ratio_course_over_bare']:.3f}"]
+        + [_range(min(r["ratios"]), max(r["ratios"])) if "ratios" in r else ""]
+        for r in d["rows"]
     ]
+    title = "The course's training loop against a bare PyTorch loop (throughput ratio)"
+    return title, ["model", "batch", "course / bare", "min–max"], rows
+
+
+def ddp_table(d: dict) -> tuple[str, list[str], list[list]]:
+    rows = []
+    for r in d["results"]:
+        spread = (
+            _range(r["speedup_vs_1x1_min"], r["speedup_vs_1x1_max"])
+            if "speedup_vs_1x1_min" in r
+            else ""
+        )
+        rows.append([r["batch_size"], _x(r["speedup_vs_1x1"]), spread, _x(r["speedup_vs_1x2"])])
+    title = (
+        "CNN, DDP on 2 workers × 1 thread (`bench_ddp.py`, median of "
+        f"{d['results'][0].get('repeats', '?')} paired repeats)"
+    )
+    return title, ["batch", "vs 1 worker × 1 thread", "min–max", "vs 1 worker × 2 threads"], rows
 
 
 NAMES = {"cnn": "CNN", "rnn": "RNN", "transformer": "Transformer"}
 
 
-def _pipeline_cell(r: dict) -> str:
-    """One m of a pipeline row: speedup, share of the bound (its range over the repeats), and,
-    where recorded, where the step went: the stages' work over one process's, the idle share."""
-    cell = f"m={r['microbatches']}: {_x(r['speedup'])} ({r['fraction_of_bound']:.0%}"
-    if "fraction_of_bound_min" in r:
-        cell += f", {r['fraction_of_bound_min']:.0%}–{r['fraction_of_bound_max']:.0%}"
-    if "fraction_of_bound_microbatched" in r:
-        cell += f"; {r['fraction_of_bound_microbatched']:.0%} over the same microbatches"
-    if "stage_work_over_one_process" in r:
-        cell += (
-            f"; stages' work {r['stage_work_over_one_process']:.2f}x one process's, busy "
-            f"{'/'.join(f'{t:.0f}' for t in r['stage_busy_ms'])} ms, idle "
-            f"{r['measured_bubble']:.0%} (formula {r['formula_bubble']:.0%})"
-        )
-    if "network_thread_ms_per_step" in r:
-        ms = "/".join(f"{t:.0f}" for t in r["network_thread_ms_per_step"])  # 1 ms resolution
-        cell += f"; gloo's network thread {ms} ms of CPU per step"
-    return cell + ")"
-
-
-def pipeline_rows(d: dict) -> list[str]:
-    out = []
+def pipeline_table(d: dict) -> tuple[str, list[str], list[list]]:
+    """One row per (model, schedule, m): speedup over one process, the share of the bound (its
+    range over the repeats), and, where recorded, where the step went."""
+    rows = []
     for model in ("cnn", "rnn", "transformer"):
         for schedule in ("1f1b", "gpipe", "zbv", "dualpipev"):
-            rows = [r for r in d["rows"] if r["model"] == model and r["schedule"] == schedule]
-            if not rows:
-                continue
-            v = schedule in (
-                "zbv",
-                "dualpipev",
-            )  # 2 stages per worker: 1F1B's bound as the yardstick
-            cells = ", ".join(_pipeline_cell(r) for r in rows)
-            batch = rows[0].get("batch_size", d["batch_size"])
-            layout = "2 workers × 2 stages in a V" if v else "2 stages"
-            bound = "1F1B's bound" if v else "the bound m·p/(m+p−1)"
-            out.append(
-                f"| {NAMES[model]} pipeline, {layout}, {schedule}, batch {batch}, speedup over "
-                f"1 process (% of {bound}) (`bench_pipeline.py`) | {cells} |"
-            )
-    return out
-
-
-def tp_rows(d: dict) -> list[str]:
-    cells = "; ".join(
-        f"width {r['dim']}, batch {r['batch_size']}, {r['engine']}: {_x(r['speedup'])} "
-        f"({r['speedup_min']:.2f}–{r['speedup_max']:.2f})"
-        + (f", all-reduce {r['comm_share']:.0%} of a step" if r["comm_share"] is not None else "")
-        for r in d["rows"]
+            for r in (r for r in d["rows"] if r["model"] == model and r["schedule"] == schedule):
+                share = f"{r['fraction_of_bound']:.0%}"
+                if "fraction_of_bound_min" in r:
+                    share += f" ({r['fraction_of_bound_min']:.0%}–{r['fraction_of_bound_max']:.0%})"
+                busy = idle = work = net = ""
+                if "stage_work_over_one_process" in r:
+                    work = f"{r['stage_work_over_one_process']:.2f}"
+                    busy = "/".join(f"{t:.0f}" for t in r["stage_busy_ms"])
+                    idle = f"{r['measured_bubble']:.0%} ({r['formula_bubble']:.0%})"
+                if "network_thread_ms_per_step" in r:
+                    net = "/".join(f"{t:.0f}" for t in r["network_thread_ms_per_step"])
+                rows.append(
+                    [
+                        NAMES[model],
+                        schedule,
+                        r.get("batch_size", d["batch_size"]),
+                        r["microbatches"],
+                        _x(r["speedup"]),
+                        share,
+                        work,
+                        busy,
+                        idle,
+                        net,
+                    ]
+                )
+    title = (
+        "Pipelines on 2 workers over 1 process (`bench_pipeline.py`): share of the bound "
+        "m·p/(m+p−1) (for zbv and dualpipev, 2 stages per worker in a V: 1F1B's bound), the "
+        "stages' work over one process's on the same microbatches, each stage's busy ms per step, "
+        "the idle share (the formula's), and gloo's network thread (ms of CPU per step)"
     )
-    return [
-        "| transformer, tensor parallel on 2 ranks × 1 thread vs 1 process × 1 thread, each "
-        f"pinned to a core (median of {d['repeats']}, `bench_tp.py`) | {cells} |"
+    header = ["model", "schedule", "batch", "m", "speedup", "of the bound", "work", "busy ms"]
+    return title, header + ["idle (formula)", "net ms"], rows
+
+
+def tp_table(d: dict) -> tuple[str, list[str], list[list]]:
+    rows = [
+        [
+            r["dim"],
+            r["batch_size"],
+            r["engine"],
+            _x(r["speedup"]),
+            _range(r["speedup_min"], r["speedup_max"]),
+            f"{r['comm_share']:.0%}" if r["comm_share"] is not None else "",
+        ]
+        for r in d["rows"]
     ]
+    title = (
+        "Transformer, tensor parallel on 2 ranks × 1 thread vs 1 process × 1 thread, each pinned "
+        f"to a core (`bench_tp.py`, median of {d['repeats']})"
+    )
+    return title, ["width", "batch", "engine", "speedup", "min–max", "all-reduce share"], rows
 
 
-def sharding_rows(d: dict) -> list[str]:
+def sharding_table(d: dict) -> tuple[str, list[str], list[list]]:
+    rows = [
+        [r["batch_size"], r["variant"], _x(r["throughput_vs_ddp"]), _range(r["min"], r["max"])]
+        for r in d["rows"]
+    ]
     sent = ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in d["bytes_sent_per_step"].items())
-    speed = "; ".join(
-        f"batch {r['batch_size']}, {r['variant']}: {_x(r['throughput_vs_ddp'])} "
-        f"({r['min']:.2f}–{r['max']:.2f})"
-        for r in d["rows"]
+    title = (
+        f"Transformer + AdamW, FSDP against DDP on 2 workers × 1 thread (`bench_sharding.py`, "
+        f"median of {d['repeats']}): state per rank {d['state_share']:.2f} of DDP's; sent per "
+        f"rank and step: {sent}"
     )
-    return [
-        f"| transformer + AdamW, fsdp vs ddp on 2 workers × 1 thread (median of {d['repeats']}, "
-        f"`bench_sharding.py`) | state per rank {d['state_share']:.2f} of DDP's; throughput "
-        f"vs DDP's: {speed}; sent per rank and step: {sent} |"
-    ]
+    return title, ["batch", "variant", "throughput vs DDP", "min–max"], rows
 
 
-def collectives_rows(d: dict) -> list[str]:
-    rows = d["rows"]
-    ratios = [r["ratio_ring_over_all_reduce"] for r in rows]
-    errors = [abs(r["model_rel_error_all_reduce"]) for r in rows]
+def collectives_table(d: dict) -> tuple[str, list[str], list[list]]:
     fit = d["fits"]["all_reduce"]
-    return [
-        "| ring all-reduce written with send/recv vs `dist.all_reduce` (gloo, 2 workers), time "
-        f"ratio over 1 KB–64 MB (`bench_collectives.py`) | {min(ratios):.2f}–{max(ratios):.2f} |",
-        f"| alpha-beta model of `dist.all_reduce` | alpha {fit['alpha_s'] * 1e6:.0f} µs per "
-        f"message, beta {fit['beta_bytes_per_s'] / 1e9:.2f} GB/s; error against measurement "
-        f"{min(errors):.0%}–{max(errors):.0%} (median {sorted(errors)[len(errors) // 2]:.0%}) |",
-    ]
-
-
-def widget_rows(d: dict) -> list[str]:
-    cells = "; ".join(
-        f"{r['panel']}: status {r['status_s']['median'] * 1e3:.0f} ms, first point "
-        f"{r['first_point_s']['median']:.2f} s (all rounds {r['done_s']['median']:.2f} s)"
+    rows = [
+        [
+            f"{r['bytes']:,}",
+            f"{r['all_reduce_min_s'] * 1e3:.3f}",
+            f"{r['ring_min_s'] * 1e3:.3f}",
+            f"{r['ratio_ring_over_all_reduce']:.2f}",
+            f"{r['model_rel_error_all_reduce']:+.0%}",
+        ]
         for r in d["rows"]
-    )
-    return [
-        f"| lesson panels, time from a click (median of {d['repeats']}, `bench_widgets.py`) | {cells} |"
     ]
+    title = (
+        f"All-reduce on {d['nproc']} gloo workers (`bench_collectives.py`): the ring written with "
+        f"send/recv against `dist.all_reduce`, and the alpha-beta model fitted to it (alpha "
+        f"{fit['alpha_s'] * 1e6:.0f} µs per message, beta {fit['beta_bytes_per_s'] / 1e9:.2f} GB/s)"
+    )
+    header = ["bytes", "all_reduce ms", "ring ms", "ring / all_reduce", "model error"]
+    return title, header, rows
+
+
+def widget_table(d: dict) -> tuple[str, list[str], list[list]]:
+    rows = [
+        [
+            r["panel"],
+            f"{r['status_s']['median'] * 1e3:.0f}",
+            f"{r['first_point_s']['median']:.2f}",
+            f"{r['done_s']['median']:.2f}",
+        ]
+        for r in d["rows"]
+    ]
+    title = f"Lesson panels, time from a click (`bench_widgets.py`, median of {d['repeats']})"
+    return title, ["panel", "status ms", "first point s", "all rounds s"], rows
+
+
+def headline(results: dict[str, dict]) -> list[str]:
+    """At most five lines for the README: the figure of each technique a newcomer asks about."""
+    out = []
+    if "ddp" in results:
+        by_batch = {r["batch_size"]: r for r in results["ddp"]["results"]}
+        said = ", ".join(f"{_x(r['speedup_vs_1x1'])} at batch {b}" for b, r in by_batch.items())
+        out.append(f"- **Data parallel** (CNN, 2 workers vs 1, one core each): {said}.")
+    if "pipeline" in results:
+        rows = [r for r in results["pipeline"]["rows"] if r["schedule"] == "1f1b"]
+        rows = [r for r in rows if r["model"] in ("cnn", "transformer") and r["microbatches"] == 8]
+        said = ", ".join(
+            f"{NAMES[r['model']]} {_x(r['speedup'])} ({r['fraction_of_bound']:.0%} of the bound)"
+            for r in rows
+        )
+        out.append(f"- **Pipeline** (2 stages, 1F1B, 8 microbatches, over 1 process): {said}.")
+    if "tp" in results:
+        rows = [r for r in results["tp"]["rows"] if r["engine"] == "hand"]
+        said = ", ".join(f"{_x(r['speedup'])} at width {r['dim']}" for r in rows)
+        out.append(f"- **Tensor parallel** (transformer, 2 ranks vs 1, by hand): {said}.")
+    if "sharding" in results:
+        d = results["sharding"]
+        rows = [r for r in d["rows"] if "as --parallel fsdp" in r["variant"]]
+        said = ", ".join(f"{_x(r['throughput_vs_ddp'])} at batch {r['batch_size']}" for r in rows)
+        out.append(
+            f"- **FSDP** (2 workers): {d['state_share']:.2f} of DDP's state per rank; "
+            f"throughput vs DDP {said}."
+        )
+    if "collectives" in results:
+        errors = sorted(
+            abs(r["model_rel_error_all_reduce"]) for r in results["collectives"]["rows"]
+        )
+        out.append(
+            "- **All-reduce**: the alpha-beta model within "
+            f"{errors[len(errors) // 2]:.0%} of gloo's (median over message sizes)."
+        )
+    return out
 
 
 def _speedup_figure(xs, series: dict, reference, reference_label: str, xlabel: str, title: str):
@@ -225,45 +288,54 @@ def _save(fig, name: str) -> str:
     return f"docs/img/{name}"
 
 
+def _markdown_table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def _fill(path: Path, start: str, end: str, block: list[str]) -> None:
+    """Replace what lies between the markers ``start`` and ``end`` in ``path``."""
+    text = path.read_text()
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{path.name} has no {start} ... {end} block to fill")
+    path.write_text(pattern.sub(lambda _: "\n".join([start, *block, end]), text))
+
+
 def main() -> None:
-    rows, images = [], []
     sources = {
-        "loop_overhead": (loop_rows, None),
-        "ddp": (ddp_rows, figure_ddp),
-        "pipeline": (pipeline_rows, figure_pipeline),
-        "collectives": (collectives_rows, figure_collectives),
-        "tp": (tp_rows, None),
-        "sharding": (sharding_rows, None),
-        "widgets": (widget_rows, None),
+        "loop_overhead": (loop_table, None),
+        "ddp": (ddp_table, figure_ddp),
+        "pipeline": (pipeline_table, figure_pipeline),
+        "collectives": (collectives_table, figure_collectives),
+        "tp": (tp_table, None),
+        "sharding": (sharding_table, None),
+        "widgets": (widget_table, None),
     }
+    machine = (
+        f"{platform.machine()}, {hardware.num_cores()} cores, Python {platform.python_version()}"
+    )
+    results, block, images = {}, [], []
+    block += [
+        f"Measured by `make bench` on the course's development machine ({machine}, CPU only,",
+        "gloo). Each figure is a ratio within one run; on a busy machine they drop.",
+    ]
     for name, (table, figure) in sources.items():
         d = _load(name)
         if d is None:
             continue
-        rows += table(d)
+        results[name] = d
+        title, header, rows = table(d)
+        block += ["", f"**{title}**", "", *_markdown_table(header, rows)]
         if figure is not None:
             images.append(figure(d))
-    machine = (
-        f"{platform.machine()}, {hardware.num_cores()} cores, Python {platform.python_version()}"
+    block += ["", " ".join(f"![{Path(p).stem}]({Path(p).relative_to('docs')})" for p in images)]
+    _fill(BENCHMARKS, START, END, block)
+    lines = headline(results)
+    _fill(README, HEAD_START, HEAD_END, lines)
+    print(
+        f"docs/benchmarks.md: {len(results)} benchmarks, {len(images)} figures; README: {len(lines)} lines"
     )
-    block = [
-        START,
-        f"Measured by `make bench` on the course's development machine ({machine}, CPU only,",
-        "gloo). Each figure is a ratio within one run; on a busy machine they drop.",
-        "",
-        "| benchmark | result |",
-        "| --- | --- |",
-        *rows,
-        "",
-        " ".join(f"![{Path(p).stem}]({p})" for p in images),
-        END,
-    ]
-    text = README.read_text()
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"README.md has no {START} ... {END} block to fill")
-    README.write_text(pattern.sub(lambda _: "\n".join(block), text))
-    print(f"README.md: {len(rows)} rows, {len(images)} figures")
 
 
 if __name__ == "__main__":

@@ -152,6 +152,8 @@ def build(notebooks: Path, out: Path, repository: str | None = None) -> list[Pat
     for md in sorted(ROOT.glob("*/README.md")):
         if not md.parent.name.startswith(".") and md.parent.name not in ("build", "book"):
             markdown_pages[f"{md.parent.name}/README.md"] = f"{md.parent.name}.html"
+    for md in sorted((ROOT / "docs").glob("*.md")):  # docs/benchmarks.md -> benchmarks.html
+        markdown_pages[f"docs/{md.name}"] = f"{md.stem}.html"
     links = lambda page: rewrite_links(page, lessons, markdown_pages)  # noqa: E731
     written = []
     exporter = HTMLExporter(template_name="lab")
@@ -179,6 +181,8 @@ def build(notebooks: Path, out: Path, repository: str | None = None) -> list[Pat
         if key != "README.md":
             folder = Path(key).parent
             text = _with_files(ROOT / key, out / folder)  # its own files (scripts), copied along
+            if folder.name == "docs":  # its figures live in docs/img/, copied below
+                text = text.replace("](img/", "](docs/img/")
             page = markdown_page(key, text, links)
             (out / name).write_text(page)
             written.append(out / name)

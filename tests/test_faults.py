@@ -7,7 +7,7 @@
 4. The launcher: a worker that raises, dies, hangs or skips a collective; an interrupted, killed
    or hung-up caller; results that can't come back; two launches racing; loopback only.
 
-The README states how many cases this module tries; a test keeps the two in step.
+docs/command_line.md states how many cases this module tries; a test keeps the two in step.
 """
 
 import gzip
@@ -569,10 +569,10 @@ def test_workers_on_one_machine_listen_on_loopback_only():
         assert addresses and all(a in ("127.0.0.1", "::1") for a in addresses), addresses
 
 
-# --- the count in the README ---------------------------------------------------------------
+# --- the count in docs/command_line.md ---------------------------------------------------------------
 
 
-def test_the_readme_states_how_many_faults_this_module_tries():
+def test_the_docs_state_how_many_faults_this_module_tries():
     listed = subprocess.run(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", __file__],
         cwd=ROOT,
@@ -581,5 +581,7 @@ def test_the_readme_states_how_many_faults_this_module_tries():
         timeout=120,
     ).stdout
     cases = sum(1 for line in listed.splitlines() if "::" in line) - 1  # less this test
-    stated = re.search(r"\*\*(\d+) faults and bad inputs\*\*", (ROOT / "README.md").read_text())
-    assert stated and int(stated.group(1)) == cases, f"the README should say {cases}"
+    stated = re.search(
+        r"\*\*(\d+) faults and bad inputs\*\*", (ROOT / "docs" / "command_line.md").read_text()
+    )
+    assert stated and int(stated.group(1)) == cases, f"docs/command_line.md should say {cases}"
