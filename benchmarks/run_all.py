@@ -1,5 +1,5 @@
 """Run every benchmark in this folder (``make bench``); each writes benchmarks/results/*.json.
-Then benchmarks/report.py turns the results into the README's table and figures."""
+Then benchmarks/report.py turns the results into docs/benchmarks.md's tables and figures and the README's headline."""
 
 import subprocess
 import sys

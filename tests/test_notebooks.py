@@ -1,5 +1,6 @@
 """The committed notebooks themselves (nbval executes them; these check what it cannot)."""
 
+import ast
 import json
 import re
 
@@ -58,3 +59,86 @@ def test_workers_with_cpu_tensors_are_launched_as_cpu_workers():
                 if cpu_only and 'device="cpu"' not in call:
                     missing.append(f"{path.name}: cu.launch.run({worker}, ...)")
     assert not missing, "\n".join(missing)
+
+
+# --- one sitting per lesson (issue 22): the limits a learner can read in -------------------------
+
+MAX_CELL_LINES = 40  # a cell, blank and comment lines included
+MAX_CODE_LINES = 650  # about 600 lines of code per lesson (comments and blank lines not counted)
+MAX_MARKDOWN_WORDS = 5000
+MAX_SENTENCE_SHARE = 0.12  # over all lessons: code lines that only compose sentences
+
+
+def _words(node) -> int:
+    return max(
+        (
+            len(sub.value.split())
+            for sub in ast.walk(node)
+            if isinstance(sub, ast.Constant) and isinstance(sub.value, str)
+        ),
+        default=0,
+    )
+
+
+def _composes(st) -> bool:
+    """A statement that only builds a sentence: a print, assignment or return holding a string
+    of three or more words, or an ``if`` whose branches all do only that."""
+    if isinstance(st, (ast.Expr, ast.Assign, ast.AugAssign, ast.Return, ast.AnnAssign)):
+        return _words(st) >= 3
+    if isinstance(st, ast.If):
+        return all(_composes(s) or isinstance(s, ast.Pass) for s in st.body + st.orelse)
+    return False
+
+
+def _composing_lines(stmts, out: set) -> None:
+    for st in stmts:
+        if _composes(st):
+            out.update(range(st.lineno, st.end_lineno + 1))
+            continue
+        for name in ("body", "orelse", "finalbody"):
+            sub = getattr(st, name, None)
+            if isinstance(sub, list) and sub and isinstance(sub[0], ast.stmt):
+                _composing_lines(sub, out)
+        for handler in getattr(st, "handlers", []) or []:
+            _composing_lines(handler.body, out)
+
+
+def readability(path):
+    """Code lines, the longest cell, composing lines and markdown words of one lesson."""
+    cells = json.loads(path.read_text())["cells"]
+    code = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+    words = sum(len("".join(c["source"]).split()) for c in cells if c["cell_type"] == "markdown")
+    lines = composing = 0
+    for src in code:
+        kept = [
+            ln
+            for ln in src.splitlines()
+            if ln.strip() and not ln.strip().startswith(("#", "%", "!"))
+        ]
+        lines += len(kept)
+        clean = "\n".join("pass" if ln.strip()[:1] in ("%", "!") else ln for ln in src.splitlines())
+        out: set = set()
+        _composing_lines(ast.parse(clean).body, out)
+        rows = clean.splitlines()
+        composing += sum(
+            1 for i in out if rows[i - 1].strip() and not rows[i - 1].strip()[0] == "#"
+        )
+    longest = max((len(src.splitlines()) for src in code), default=0)
+    return {"code": lines, "longest": longest, "composing": composing, "words": words}
+
+
+LESSONS = [p for p in NOTEBOOKS if re.match(r"\d\d_", p.name)]
+
+
+@pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.stem)
+def test_a_lesson_fits_one_sitting(path):
+    r = readability(path)
+    assert r["longest"] <= MAX_CELL_LINES, f"{path.name}: a cell of {r['longest']} lines"
+    assert r["code"] <= MAX_CODE_LINES, f"{path.name}: {r['code']} lines of code"
+    assert r["words"] <= MAX_MARKDOWN_WORDS, f"{path.name}: {r['words']} words of markdown"
+
+
+def test_the_lessons_say_their_conclusions_through_the_readout():
+    total = [readability(p) for p in LESSONS]
+    share = sum(r["composing"] for r in total) / sum(r["code"] for r in total)
+    assert share <= MAX_SENTENCE_SHARE, f"{share:.0%} of the code lines compose sentences"
