@@ -178,14 +178,17 @@ def compare(
     if pair:
         r = spread(x / y for x, y in zip(a.samples, b.samples))
         how = f"{span(r, 'x')} paired"
-    else:
-        r = spread([a.median / b.median]) if b.median else spread([float("nan")])
+    elif b.median:
+        r = spread([a.median / b.median])
         how = f"{number(r.median)}x"
+    else:  # nothing to divide by: the difference says it
+        r = spread([float("nan")])
+        how = f"difference {number(a.median - b.median)}{unit}"
     said = {ABOVE: f"clearly {words[0]}", BELOW: f"clearly {words[1]}", WITHIN: "within the noise"}
     runs = ", one run each" if len(a.samples) == 1 and len(b.samples) == 1 else ""
     line = (
         f"{label}: {names[0]} {span(a, unit)} vs {names[1]} {span(b, unit)}: "
-        f"{names[0]}/{names[1]} {how}, {said[v]}{runs}"
+        f"{how if not b.median else names[0] + '/' + names[1] + ' ' + how}, {said[v]}{runs}"
     )
     return Reading(line, v, {"a": a.median, "b": b.median, "ratio": r.median})
 
@@ -261,7 +264,7 @@ def against(
 def value(label: str, measured: Spread | float | Iterable[float], unit: str = "") -> Reading:
     """One measurement and its spread, no verdict: "label: 693 samples/s (650-720)"."""
     s = _as_spread(measured)
-    sep = " " if unit and unit[0].isalnum() else ""
+    sep = " " if unit and unit[0].isalnum() and unit != "x" else ""  # 12 ms, 1.10x
     return Reading(f"{label}: {span(s, sep + unit)}{_one_run(s)}", "", {"median": s.median})
 
 

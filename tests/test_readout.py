@@ -92,3 +92,14 @@ def test_value_table_and_busy_lines():
 def test_a_reading_prints_as_its_line():
     r = readout.ratio("x", [1.2, 1.3])
     assert repr(r) == str(r) == r.line
+
+
+def test_a_reference_of_zero_is_compared_by_the_difference():
+    r = readout.compare("hidden", [0.1, 0.2, 0.3], [0.0, 0.0, 0.0], names=("a", "b"), unit="%")
+    assert r.verdict == "above"
+    assert "difference 0.200%" in str(r) and "nan" not in str(r)
+
+
+def test_units_are_spaced_as_written():
+    assert str(readout.value("s", [1.1], "x")) == "s: 1.10x, one run"
+    assert str(readout.value("s", [1.1], "ms")) == "s: 1.10 ms, one run"
