@@ -1,20 +1,36 @@
 """Reading the evidence a parallel run leaves behind (lesson 10): one step of a profiler trace,
-where the memory of a step went, every rank's trace in one file, and the frames of a stack dump.
+the collectives in each step and when each rank arrived at them, where the memory of a step went,
+every rank's trace in one file, and the frames of a stack dump.
 
 Pure functions of what :mod:`course_utils.profiling` and :mod:`course_utils.launch` produce:
 the events of a trace (:func:`course_utils.profiling.events`) and the ``faulthandler`` dumps of a
-:class:`course_utils.launch.LaunchTimeout` (``.stacks[rank]``). No torch, no matplotlib.
+:class:`course_utils.launch.LaunchTimeout` (``.stacks[rank]``). No torch, no matplotlib; the
+tables print through :mod:`course_utils.readout`.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["PHASES", "Frame", "frames", "memory_by_phase", "merge_traces", "step_events"]
+from course_utils.readout import Reading, table
+
+__all__ = [
+    "PHASES",
+    "Frame",
+    "arrivals",
+    "arrivals_table",
+    "collective_counts",
+    "frames",
+    "memory_by_phase",
+    "memory_table",
+    "merge_traces",
+    "step_events",
+]
 
 PHASES = ("zero_grad", "forward", "backward", "optimizer")  # in the order a step runs them
 
@@ -77,6 +93,93 @@ def memory_by_phase(events: Sequence[dict]) -> dict:
         "end": levels[-1] if levels else start,
         "phases": phases,
     }
+
+
+def collective_counts(events: Sequence[dict], num_steps: int) -> list[Counter]:
+    """How many collectives of each kind (``gloo:all_reduce``, ``gloo:broadcast``...) each of the
+    ``num_steps`` profiled steps of a trace holds: one :class:`~collections.Counter` per step."""
+    return [
+        Counter(
+            e["name"]
+            for e in step_events(events, step)
+            if e.get("ph") == "X" and e["name"].lower().startswith(("gloo:", "nccl"))
+        )
+        for step in range(1, num_steps + 1)
+    ]
+
+
+def arrivals(
+    traces: dict[int, Sequence[dict]], num_steps: int, name: str = "gloo:all_reduce"
+) -> list[dict]:
+    """For each profiled step of two or more ranks' traces, the first ``name`` collective of
+    each rank: which rank started it first (``first``) and last (``last``), how far apart the
+    first and the last started and ended (``start_gap_ms``, ``end_gap_ms``), and how long it
+    lasted on the first and on the last rank (``first_ms``, ``last_ms``)."""
+    rows = []
+    for step in range(1, num_steps + 1):
+        spans = {}  # rank -> (start, end) of its first `name` of the step, in microseconds
+        for rank, events in traces.items():
+            mine = sorted(
+                (e["ts"], e["ts"] + e["dur"])
+                for e in step_events(events, step)
+                if e.get("ph") == "X" and e["name"] == name
+            )
+            if not mine:
+                raise ValueError(f"rank {rank}'s profiled step {step} holds no {name}")
+            spans[rank] = mine[0]
+        first = min(spans, key=lambda r: spans[r][0])
+        last = max(spans, key=lambda r: spans[r][0])
+        rows.append(
+            {
+                "first": first,
+                "last": last,
+                "start_gap_ms": (spans[last][0] - spans[first][0]) / 1e3,
+                "end_gap_ms": (
+                    max(e for _, e in spans.values()) - min(e for _, e in spans.values())
+                )
+                / 1e3,
+                "first_ms": (spans[first][1] - spans[first][0]) / 1e3,
+                "last_ms": (spans[last][1] - spans[last][0]) / 1e3,
+            }
+        )
+    return rows
+
+
+def arrivals_table(rows: Sequence[dict]) -> Reading:
+    """:func:`arrivals` as a table, one line per profiled step (times in ms)."""
+    return table(
+        ("step", "first rank", "starts apart", "ends apart", "span, first", "span, last"),
+        [
+            (step, r["first"], r["start_gap_ms"], r["end_gap_ms"], r["first_ms"], r["last_ms"])
+            for step, r in enumerate(rows, start=1)
+        ],
+    )
+
+
+def memory_table(by_phase: dict[str, dict], unit: int = 1024) -> Reading:
+    """Runs' :func:`memory_by_phase` side by side (``{"DDP": m, "FSDP": m}``): for each phase
+    where at least ``unit`` bytes moved in one of them, allocated / freed, in ``unit``s (KiB)."""
+
+    def order(phase: str) -> tuple[int, str]:  # the order a step runs them, "other" last
+        return next((i for i, p in enumerate(PHASES) if phase.startswith(p)), len(PHASES)), phase
+
+    phases = sorted(
+        {
+            phase
+            for m in by_phase.values()
+            for phase, t in m["phases"].items()
+            if max(t["allocated"], t["freed"]) >= unit
+        },
+        key=order,
+    )
+    rows = []
+    for phase in phases:
+        cells = []
+        for m in by_phase.values():
+            t = m["phases"].get(phase, {"allocated": 0, "freed": 0})
+            cells.append(f"{t['allocated'] / unit:,.0f} / {t['freed'] / unit:,.0f}")
+        rows.append((phase, *cells))
+    return table(("phase", *(f"{name}: allocated / freed" for name in by_phase)), rows)
 
 
 def merge_traces(paths: Iterable[str | Path], out: str | Path) -> Path:

@@ -17,6 +17,11 @@ collectives show up by themselves: gloo runs them on its own threads as ``gloo:a
 :class:`Recorder` is what ``--profile DIR`` uses: it profiles a few steps after a warm-up and writes
 ``DIR/trace_rank<r>.json`` (Chrome / Perfetto format: open it at https://ui.perfetto.dev or in
 chrome://tracing), memory events included. :func:`events` reads a trace back for drawing.
+
+The pieces are public for lesson 10, which writes them by hand: :func:`intervals` and
+:func:`common_us` (the union of some events' spans, and what two such unions share),
+:func:`hidden_share`; :func:`summary_table` shows the ranks' summaries side by side. The lesson's
+overlap experiment is :mod:`course_utils.overlap`.
 """
 
 from __future__ import annotations
@@ -24,11 +29,14 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function, schedule
+
+from course_utils.readout import Reading, table
 
 PHASES = ("forward", "backward", "optimizer")
 COMMUNICATION = ("gloo:", "nccl")  # prefixes of collective events (lower case)
@@ -36,11 +44,16 @@ COMMUNICATION = ("gloo:", "nccl")  # prefixes of collective events (lower case)
 __all__ = [
     "PHASES",
     "Recorder",
+    "common_us",
     "events",
+    "hidden_share",
+    "intervals",
+    "is_backward_arithmetic",
     "is_communication",
     "label",
     "line",
     "summary",
+    "summary_table",
     "trace_path",
 ]
 
@@ -133,25 +146,26 @@ def events(path: str | Path) -> list[dict]:
     return out
 
 
-def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+def intervals(events: Sequence[dict], keep: Callable[[dict], bool]) -> list[list[float]]:
+    """The union of the ``[start, end]`` (microseconds) of the complete events that ``keep``
+    selects: sorted, no two overlapping (lesson 10, section 3)."""
     merged: list[list[float]] = []
-    for start, end in sorted(intervals):
+    for start, end in sorted(
+        (e["ts"], e["ts"] + e.get("dur", 0)) for e in events if e.get("ph") == "X" and keep(e)
+    ):
         if merged and start <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], end)
+            merged[-1][1] = max(merged[-1][1], end)  # overlaps the previous one: extend it
         else:
             merged.append([start, end])
-    return [(a, b) for a, b in merged]
+    return merged
 
 
-def _length(intervals) -> float:
-    return sum(b - a for a, b in intervals)
-
-
-def _intersection(a, b) -> float:
+def common_us(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]) -> float:
+    """Microseconds covered by both of two sorted lists of disjoint intervals (:func:`intervals`);
+    one pass over both (the lesson writes the double loop: the same sum)."""
     total, i, j = 0.0, 0, 0
     while i < len(a) and j < len(b):
-        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
-        total += max(0.0, hi - lo)
+        total += max(0.0, min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]))
         if a[i][1] < b[j][1]:
             i += 1
         else:
@@ -159,14 +173,32 @@ def _intersection(a, b) -> float:
     return total
 
 
+def _length(spans) -> float:
+    return sum(end - start for start, end in spans)
+
+
 def is_communication(name: str) -> bool:
+    """Whether an event's name is a collective's (gloo's or NCCL's)."""
     return name.lower().startswith(COMMUNICATION)
 
 
-def _is_backward_arithmetic(name: str) -> bool:
-    """One of autograd's gradient computations (not AccumulateGrad, which adds a gradient to
-    ``.grad`` and is where DDP's hooks start a bucket's all-reduce)."""
+def is_backward_arithmetic(e: dict) -> bool:
+    """Whether an event is one of autograd's gradient computations (not AccumulateGrad, which
+    adds a gradient to ``.grad`` and is where DDP's hooks start a bucket's all-reduce)."""
+    name = e["name"]
     return name.startswith("autograd::engine::evaluate_function") and "AccumulateGrad" not in name
+
+
+def _is_phase(e: dict, phases=PHASES) -> bool:
+    return e["name"] in phases and e.get("cat") == "user_annotation"
+
+
+def hidden_share(events: Sequence[dict]) -> float:
+    """The share of the communication time during which backward was computing (0 without
+    communication)."""
+    comm = intervals(events, lambda e: is_communication(e["name"]))
+    total = _length(comm)
+    return common_us(comm, intervals(events, is_backward_arithmetic)) / total if total else 0.0
 
 
 def summary(path: str | Path, steps: int | None = None) -> dict:
@@ -174,28 +206,44 @@ def summary(path: str | Path, steps: int | None = None) -> dict:
     overlapped backward, from one rank's trace. ``steps``: how many steps the trace holds
     (default: the number of "optimizer" spans, at least 1)."""
     complete = [e for e in events(path) if e.get("ph") == "X"]
-    spans = {phase: [] for phase in PHASES}
-    comm, arithmetic = [], []
-    for e in complete:
-        interval = (e["ts"], e["ts"] + e.get("dur", 0))
-        if e["name"] in spans and e.get("cat") == "user_annotation":
-            spans[e["name"]].append(interval)
-        elif is_communication(e["name"]):
-            comm.append(interval)
-        elif _is_backward_arithmetic(e["name"]):
-            arithmetic.append(interval)
-    steps = steps or max(1, len(spans["optimizer"]))
-    compute = _union([i for phase in PHASES for i in spans[phase]])
-    comm, backward = _union(comm), _union(spans["backward"])
+    steps = steps or max(1, sum(_is_phase(e, ("optimizer",)) for e in complete))
+    compute = intervals(complete, _is_phase)
+    comm = intervals(complete, lambda e: is_communication(e["name"]))
+    backward = intervals(complete, lambda e: _is_phase(e, ("backward",)))
     comm_us = _length(comm)
     return {
         "steps": steps,
         "compute_s": _length(compute) / 1e6 / steps,
         "communication_s": comm_us / 1e6 / steps,
-        "overlap": _intersection(comm, backward) / comm_us if comm_us else 0.0,
-        "hidden": _intersection(comm, _union(arithmetic)) / comm_us if comm_us else 0.0,
+        "overlap": common_us(comm, backward) / comm_us if comm_us else 0.0,
+        "hidden": hidden_share(complete),
         "collectives": len(comm),
     }
+
+
+def summary_table(summaries: Sequence[dict]) -> Reading:
+    """The ranks' :func:`summary` side by side (times in ms per step, shares in %)."""
+    return table(
+        (
+            "rank",
+            "compute ms/step",
+            "communication ms/step",
+            "in backward",
+            "hidden",
+            "collectives",
+        ),
+        [
+            (
+                rank,
+                s["compute_s"] * 1e3,
+                s["communication_s"] * 1e3,
+                f"{s['overlap']:.0%}",
+                f"{s['hidden']:.0%}",
+                s["collectives"],
+            )
+            for rank, s in enumerate(summaries)
+        ],
+    )
 
 
 def line(rank: int, s: dict) -> str:

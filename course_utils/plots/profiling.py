@@ -1,5 +1,6 @@
 """Figures of the profiling lesson, drawn from ``torch.profiler`` traces (offline, no browser):
-each rank's timeline of forward, backward, optimizer and communication, and memory over time."""
+each rank's timeline of forward, backward, optimizer and communication (one step of several
+versions of it side by side), and memory over time (one step of several runs, shaded by phase)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import matplotlib.pyplot as plt
 
 from course_utils.plots.core import _axes
 
-__all__ = ["memory_timeline", "trace_timeline"]
+__all__ = ["memory_steps", "memory_timeline", "step_timelines", "trace_timeline"]
 
 PHASE_COLORS = {"forward": "tab:blue", "backward": "tab:orange", "optimizer": "tab:green"}
 COMM_COLOR = "tab:red"
@@ -99,5 +100,41 @@ def memory_timeline(
     ax.set_title(title or "Memory over the profiled steps")
     if ax.lines:
         ax.legend(fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def step_timelines(
+    rounds: Mapping[str, Mapping[int, Sequence[dict]]], step: int = 2, width: float = 11
+):
+    """One panel per version of a step (``{name: {rank: events}}``, lesson 10's overlap
+    experiment): each rank's ``step``-th profiled step, as :func:`trace_timeline` draws it."""
+    from course_utils.debugging import step_events
+
+    fig, axes = plt.subplots(len(rounds), 1, figsize=(width, 3.4 * len(rounds)), squeeze=False)
+    for ax, (name, traces) in zip(axes[:, 0], rounds.items()):
+        one_step = {rank: step_events(events, step) for rank, events in traces.items()}
+        trace_timeline(one_step, title=f"{name}: one step", ax=ax)
+    fig.tight_layout()
+    return fig
+
+
+def memory_steps(steps: Mapping[str, Sequence[dict]], title: str | None = None):
+    """Memory over one step per run (``{"DDP": events, "FSDP": events}``, the events of one
+    profiled step), a panel each, shaded by the phases (forward, backward, optimizer)."""
+    fig, axes = plt.subplots(1, len(steps), figsize=(6 * len(steps), 4), sharey=True, squeeze=False)
+    for ax, (name, events) in zip(axes[0], steps.items()):
+        memory_timeline({f"{name}, rank 0": events}, title=f"{name}: one step", ax=ax)
+        records = [e["ts"] for e in events if "Total Allocated" in e.get("args", {})]
+        t0 = min(records) if records else 0  # the line's 0
+        for e in events:
+            if e.get("cat") == "user_annotation" and e["name"] in PHASE_COLORS:
+                start, end = (e["ts"] - t0) / 1e3, (e["ts"] + e["dur"] - t0) / 1e3
+                ax.axvspan(start, end, color=PHASE_COLORS[e["name"]], alpha=0.15, lw=0)
+        shading = [plt.Rectangle((0, 0), 1, 1, color=c, alpha=0.3) for c in PHASE_COLORS.values()]
+        ax.legend([*ax.lines[:1], *shading], [f"{name}, rank 0", *PHASE_COLORS], fontsize=8)
+    for ax in axes[0][1:]:
+        ax.set_ylabel("")
+    fig.suptitle(title or "Memory during one training step")
     fig.tight_layout()
     return fig
