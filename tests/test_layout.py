@@ -15,8 +15,8 @@ MAX_LINES = 350  # "a file past ~300 lines is asking to be split" (STYLE.md)
 # (notebooks -> widgets -> plots; train -> strategies -> launch, collectives, checkpoint -> loop,
 # models, data, hardware.)
 LAYERS = [
-    {"hardware", "data", "models", "loop", "measure", "readout", "scaling", "interpret"},
-    {"debugging"},
+    {"hardware", "data", "models", "loop", "measure", "readout", "scaling", "interpret"}
+    | {"debugging"},
     {"launch", "collectives", "checkpoint", "profiling", "overlap"},
     {"ddp", "sharding", "pipeline", "tensor_parallel", "faq"},
     {"config", "train"},
