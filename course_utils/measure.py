@@ -166,6 +166,6 @@ class Watch:
         if self.quiet:
             return f"The machine was quiet while measuring: {busy}."
         return (
-            f"While measuring, {busy}: workers and threads beyond the idle cores took turns with "
-            "them, so parallel speedups here are pessimistic and noisier than on a quiet machine."
+            f"While measuring, {busy}: parallel speedups measured meanwhile may be lower and "
+            "noisier than on a quiet machine."
         )

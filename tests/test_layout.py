@@ -16,7 +16,7 @@ MAX_LINES = 350  # "a file past ~300 lines is asking to be split" (STYLE.md)
 # models, data, hardware.)
 LAYERS = [
     {"hardware", "data", "models", "loop", "measure", "readout", "scaling", "interpret"}
-    | {"debugging"},
+    | {"debugging", "single_device"},
     {"launch", "collectives", "checkpoint", "profiling", "overlap"},
     {"ddp", "sharding", "pipeline", "tensor_parallel", "faq"},
     {"config", "train"},

@@ -54,3 +54,27 @@ def test_course_rnn_reads_rows_and_returns_logits():
     assert logits.shape == (5, 10)
     X, _ = cu.data.mnist("test", limit=3)
     assert model(cu.data.as_sequence(X)).shape == (3, 10)
+
+
+def test_lesson_02_rnn_by_hand_is_formula_rnn():
+    # The loop lesson 02 writes by hand (its cell `def rnn_by_hand`) computes what the package's
+    # FormulaRNN computes, with the same W, U and b = bias_ih + bias_hh.
+    import json
+
+    from conftest import ROOT
+
+    cells = json.loads((ROOT / "notebooks" / "02_rnn_single_device.ipynb").read_text())["cells"]
+    source = next(
+        "".join(c["source"])
+        for c in cells
+        if c["cell_type"] == "code" and "".join(c["source"]).startswith("def rnn_by_hand")
+    )
+    namespace = {"torch": torch}
+    exec(source, namespace)
+    formula, _ = _pair(7, 5, seed=3)
+    x = torch.randn(3, 6, 7)
+    b = formula.bias_ih_l0 + formula.bias_hh_l0
+    states = namespace["rnn_by_hand"](x, formula.weight_ih_l0, formula.weight_hh_l0, b)
+    out, h_T = formula(x)
+    torch.testing.assert_close(states, out)
+    torch.testing.assert_close(states[:, -1], h_T[0])

@@ -1,5 +1,6 @@
 """Measured points with their spread: every widget's points (:func:`measurements`) and rates
-against a setting (:func:`throughput`). Medians of repeats are drawn with a min-max error bar, and
+against a setting (:func:`throughput`); lesson 01's two sweeps (:func:`thread_sweep`,
+:func:`step_phases`). Medians of repeats are drawn with a min-max error bar, and
 a point whose repeats disagree by more than 20% is drawn hollow and called noisy in the legend
 (:class:`course_utils.measure.Spread`)."""
 
@@ -11,7 +12,7 @@ import matplotlib.pyplot as plt
 
 from course_utils.plots.core import _axes
 
-__all__ = ["measurements", "throughput"]
+__all__ = ["measurements", "throughput", "thread_sweep", "step_phases"]
 
 
 def _spread_line(ax, xs, values, label=None, **style):
@@ -110,5 +111,73 @@ def measurements(
     ax.grid(alpha=0.3)
     if points and (by or any(p.get(f"{y}_noisy") for p in points)):
         _noisy_legend(ax, any(p.get(f"{y}_noisy") for p in points))
+    fig.tight_layout()
+    return fig
+
+
+def thread_sweep(batch_sizes: Sequence[int], throughputs: dict, cores: int):
+    """Lesson 01: samples/s against the batch size, one line per thread count (left), and the
+    paired speedup of each thread count over 1 thread, with its ideal dotted (right).
+    ``throughputs``: ``{batch size: {threads: Spread}}`` (:func:`course_utils.single_device.
+    throughput_sweep`)."""
+    from course_utils.measure import ratios
+
+    threads = list(next(iter(throughputs.values())))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    throughput(
+        batch_sizes,
+        {f"{t} thread(s)": [throughputs[b][t] for b in batch_sizes] for t in threads},
+        xlabel="batch size",
+        title="Throughput vs batch size",
+        ax=axes[0],
+    )
+    top = max(s.high for row in throughputs.values() for s in row.values())
+    axes[0].set_ylim(0, 1.3 * top)  # from zero, so that differences look as big as they are
+    more = [t for t in threads if t != 1]
+    if not more:
+        axes[1].axis("off")
+        axes[1].text(0.5, 0.5, "one core: no thread count to compare", ha="center")
+        return fig
+    speedups = {
+        t: [ratios(throughputs[b][t], throughputs[b][1]) for b in batch_sizes] for t in more
+    }
+    axes[1].axhline(1, color="black", linestyle="--", linewidth=1, label="1 thread: no gain")
+    throughput(
+        batch_sizes,
+        {f"{t} threads": speedups[t] for t in more},
+        xlabel="batch size",
+        ylabel="speedup over 1 thread (paired)",
+        title=f"Speedup of more threads (dotted: ideal; {cores} cores)",
+        ax=axes[1],
+    )
+    colors = {line.get_label(): line.get_color() for line in axes[1].get_lines()}
+    for t in more:  # the ideal: t threads, t times the throughput
+        axes[1].axhline(t, color=colors[f"{t} threads"], linestyle=":", linewidth=1.5)
+    highest = max([*more, *(s.high for row in speedups.values() for s in row)])
+    axes[1].set_ylim(0, 1.15 * highest)
+    fig.tight_layout()
+    return fig
+
+
+def step_phases(phases: dict, step: dict):
+    """Lesson 01: where a step's time goes, per step (left) and per sample (right), as stacked
+    medians of each phase with the whole step's min-max bar. ``phases``: ``{batch: {phase:
+    Spread of ms}}``, ``step``: ``{batch: Spread of ms}`` (:func:`course_utils.single_device.
+    phase_sweep`)."""
+    from course_utils.plots.core import stacked_bars
+
+    batch_sizes = list(phases)
+    names = list(next(iter(phases.values())))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for ax, per_sample in zip(axes, (False, True)):
+        scale = [1 / b if per_sample else 1.0 for b in batch_sizes]
+        stacked_bars(
+            [f"batch {b}" for b in batch_sizes],
+            {n: [k * phases[b][n].median for k, b in zip(scale, batch_sizes)] for n in names},
+            ylabel="ms per sample" if per_sample else "ms per step",
+            title="per sample" if per_sample else "per step",
+            totals=[(k * step[b].low, k * step[b].high) for k, b in zip(scale, batch_sizes)],
+            ax=ax,
+        )
     fig.tight_layout()
     return fig
