@@ -276,6 +276,8 @@ def table(headers: Sequence[str], rows: Iterable[Sequence]) -> Reading:
             return span(x)
         if isinstance(x, float):
             return number(x)
+        if isinstance(x, int) and not isinstance(x, bool):
+            return f"{x:,}"  # 819,752, as number() groups large floats
         return str(x)
 
     body = [[cell(x) for x in row] for row in rows]

@@ -19,10 +19,14 @@ PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``, :func:`fully_sharded`) 
 with ``reshard_after_forward=False``) with parameters as sharded DTensors, prefetching of the next
 layer's all-gather and gradients reduce-scattered in buckets. It is ``--parallel fsdp``.
 
+:func:`zero1_step` (with :func:`shard_of` and :func:`padded`) is ZeRO-1 exactly as the lesson
+writes it by hand; :mod:`~course_utils.sharding.probes` measures what a rank holds and sends.
+
 Every optimizer the course uses (SGD with momentum, AdamW) works element by element, so updating
 shards is the same arithmetic as updating whole tensors: the tests check the losses step by step.
 """
 
+from course_utils.sharding import probes  # what a rank holds and sends, measured
 from course_utils.sharding.formulas import (
     ADAM_STATE_BYTES,
     GRAD_BYTES,
@@ -41,7 +45,7 @@ from course_utils.sharding.fsdp import (
     grouped_units,
     role,
 )
-from course_utils.sharding.zero import Traffic, ZeRO
+from course_utils.sharding.zero import Traffic, ZeRO, padded, shard_of, zero1_step
 
 __all__ = [
     "MIN_UNIT_PARAMS",
@@ -58,6 +62,10 @@ __all__ = [
     "grouped_units",
     "memory_per_rank",
     "nbytes",
+    "padded",
+    "probes",
     "role",
+    "shard_of",
     "state_bytes",
+    "zero1_step",
 ]

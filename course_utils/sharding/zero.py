@@ -21,7 +21,50 @@ from course_utils.sharding.formulas import _stage, nbytes, state_bytes
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
-# --- ZeRO by hand ----------------------------------------------------------------------------------
+# --- ZeRO-1 by hand, as lesson 08 writes it --------------------------------------------------------
+
+
+def padded(flat: torch.Tensor, size: int) -> torch.Tensor:
+    """``flat`` with zeros appended up to ``size`` values: the collectives want equal pieces."""
+    return F.pad(flat, (0, size - flat.numel()))
+
+
+def shard_of(param: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """``rank``'s 1/N of ``param``, flattened: values r*S .. (r+1)*S - 1, S = ceil(numel / N)
+    (shorter at the end, or empty). A view into the parameter: updating the shard in place
+    updates the parameter."""
+    size = math.ceil(param.numel() / world_size)
+    return param.detach().reshape(-1)[rank * size : (rank + 1) * size]  # (S,)
+
+
+def zero1_step(model: nn.Module, optimizer, X: torch.Tensor, y: torch.Tensor, shards: list):
+    """One ZeRO-1 step on this rank's slice (X, y) of the global batch: backward as in DDP, a
+    reduce-scatter of each gradient into its shard's ``.grad`` (averaged), the optimizer over the
+    shards (:func:`shard_of`), an all-gather of the new shards into the parameters. The same
+    arithmetic as :meth:`ZeRO.train_step` at stage 1, with :func:`course_utils.loop.train_step`'s
+    signature plus ``shards``."""
+    world_size = dist.get_world_size()
+    optimizer.zero_grad(set_to_none=True)  # the shards' gradients
+    model.zero_grad(set_to_none=True)  # the whole gradients
+    logits = model(X)  # (B / N, classes)
+    loss = F.cross_entropy(logits, y)
+    loss.backward()  # whole gradients of this rank's slice, as in DDP
+    for param, shard in zip(model.parameters(), shards):
+        size = math.ceil(param.numel() / world_size)
+        mine = torch.empty(size, dtype=param.dtype, device=param.device)  # (S,)
+        _reduce_scatter(mine, padded(param.grad.reshape(-1), size * world_size))
+        shard.grad = mine[: shard.numel()] / world_size  # the global batch's gradient, my piece
+    optimizer.step()  # the shards only: its state is 1/N of the model's
+    with torch.no_grad():
+        for param, shard in zip(model.parameters(), shards):
+            size = math.ceil(param.numel() / world_size)
+            whole = torch.empty(size * world_size, dtype=param.dtype, device=param.device)
+            _all_gather(whole, padded(shard, size))  # every rank's new piece, (N * S,)
+            param.copy_(whole[: param.numel()].view_as(param))
+    return loss.detach(), (logits.argmax(dim=1) == y).sum()
+
+
+# --- ZeRO by hand, stages 1 to 3 -------------------------------------------------------------------
 
 
 class Traffic:
@@ -77,10 +120,10 @@ class ZeRO:
         S = ceil(numel / N); the last shards may be shorter, or empty). Stages 1 and 2 keep the
         whole parameter, so the shard is a *view* into it: the optimizer updates it in place.
         Stage 3 keeps only the shard: a copy, padded with zeros to S."""
-        flat, size = param.detach().reshape(-1), math.ceil(param.numel() / self.world)
         if self.stage < 3:
-            return flat[self.rank * size : (self.rank + 1) * size]
-        flat = F.pad(flat, (0, size * self.world - flat.numel()))
+            return shard_of(param, self.rank, self.world)
+        size = math.ceil(param.numel() / self.world)
+        flat = padded(param.detach().reshape(-1), size * self.world)
         return flat[self.rank * size : (self.rank + 1) * size].clone()
 
     def gather(self, shard: torch.Tensor, shape, numel: int) -> torch.Tensor:
