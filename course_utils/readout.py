@@ -92,7 +92,8 @@ def span(s: Spread | float | Iterable[float], unit: str = "") -> str:
     s = _as_spread(s)
     if len(s.samples) == 1:
         return f"{number(s.median)}{unit}"
-    return f"{number(s.median)}{unit} ({number(s.low)}-{number(s.high)}{unit})"
+    dash = " to " if s.low < 0 else "-"  # (-6.00 to 1.20%), not (-6.00-1.20%)
+    return f"{number(s.median)}{unit} ({number(s.low)}{dash}{number(s.high)}{unit})"
 
 
 def verdict(s: Spread | float | Iterable[float], reference: float) -> str:

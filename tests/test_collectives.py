@@ -1,5 +1,10 @@
 """The ring all-reduce against dist.all_reduce; the ring's schedule; the alpha-beta fit; the probe."""
 
+import ast
+import inspect
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -210,4 +215,91 @@ def test_ring_scaling_splits_the_model_and_marks_the_crossing():
     np.testing.assert_allclose(latency[0], 1e3 * 2 * 1e-5)  # ms, 2 ranks: 2 messages
     crossing = [line for line in ax.lines if line.get_linestyle() == ":"]
     assert len(crossing) == 1 and crossing[0].get_xdata()[0] == pytest.approx(16)
+    plt.close("all")
+
+
+# Lesson 04 writes the ring all-reduce and the byte count by hand: same names, same signatures and
+# the same results as the package's (the notebook's code is the package's code).
+LESSON = Path(__file__).resolve().parents[1] / "notebooks" / "04_communication.ipynb"
+
+
+def lesson_functions() -> dict:
+    """The lesson's ``ring_all_reduce`` and ``ring_bytes_sent``, from its cells, executed alone."""
+    namespace = {"torch": torch, "dist": dist}
+    wanted = {"ring_all_reduce", "ring_bytes_sent"}
+    for cell in json.loads(LESSON.read_text())["cells"]:
+        if cell["cell_type"] == "code":
+            tree = ast.parse("".join(cell["source"]))
+            defs = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in wanted]
+            exec(compile(ast.Module(body=defs, type_ignores=[]), str(LESSON), "exec"), namespace)
+    assert wanted <= set(namespace), f"lesson 04 no longer defines {wanted - set(namespace)}"
+    return namespace
+
+
+def test_the_lessons_functions_have_the_packages_signatures():
+    lesson = lesson_functions()
+    for name in ("ring_all_reduce", "ring_bytes_sent"):
+        mine, package = (
+            inspect.signature(lesson[name]),
+            inspect.signature(getattr(collectives, name)),
+        )
+        assert list(mine.parameters) == list(package.parameters), name
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_the_lessons_byte_count_is_the_packages(world_size):
+    ring_bytes_sent = lesson_functions()["ring_bytes_sent"]
+    for nbytes in (4, 1200, 4800, 10**6):
+        assert ring_bytes_sent(nbytes, world_size) == collectives.ring_bytes_sent(
+            nbytes, world_size
+        )
+
+
+def lesson_ring_vs_package(shapes):
+    ring_all_reduce = lesson_functions()["ring_all_reduce"]
+    torch.manual_seed(dist.get_rank())
+    out = []
+    for shape in shapes:
+        x = torch.randn(shape)
+        mine, package = x.clone(), x.clone()
+        returned = ring_all_reduce(mine)
+        collectives.ring_all_reduce(package)
+        out.append((mine, package, returned is mine))
+    return out
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_the_lessons_ring_all_reduce_gives_the_packages_sums(world_size):
+    results = launch.run(lesson_ring_vs_package, world_size, SHAPES, timeout=60, threads=1)
+    for rank_results in results:
+        for mine, package, in_place in rank_results:
+            assert in_place
+            torch.testing.assert_close(mine, package, rtol=0, atol=0)  # same algorithm, same sums
+
+
+def test_gradient_sync_costs_draws_compute_and_both_all_reduces_with_the_models_predictions():
+    import matplotlib.pyplot as plt
+
+    from course_utils import measure, plots
+
+    model = collectives.AlphaBeta(alpha_s=1e-4, beta_bytes_per_s=1e9, world_size=2)
+    tensor_bytes = {"cnn": [40000, 960], "rnn": [8192]}
+    sync = {
+        name: {
+            "compute_s": measure.spread([0.03, 0.031]),
+            "per_tensor_s": measure.spread([3e-4, 4e-4]),
+            "bucket_s": measure.spread([2e-4, 2.5e-4]),
+        }
+        for name in tensor_bytes
+    }
+    ax = plots.gradient_sync_costs(sync, tensor_bytes, model).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [
+        "CNN (40 KB of gradients)",
+        "RNN (8 KB of gradients)",
+    ]
+    diamonds = [line for line in ax.lines if line.get_marker() == "D"]
+    per_tensor = [1e3 * (model.predict(40000) + model.predict(960)), 1e3 * model.predict(8192)]
+    bucket = [1e3 * model.predict(40960), 1e3 * model.predict(8192)]
+    np.testing.assert_allclose(diamonds[0].get_ydata(), per_tensor)
+    np.testing.assert_allclose(diamonds[1].get_ydata(), bucket)
     plt.close("all")

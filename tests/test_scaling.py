@@ -1,6 +1,9 @@
 """Lesson 03: Amdahl's and Gustafson's laws, the Karp-Flatt metric, their panel and figures."""
 
+import ast
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -213,3 +216,54 @@ def test_memory_models_say_which_is_distributed():
     shared, messages = cu.plots.memory_models().axes
     assert "parallel, not distributed" in shared.get_title()
     assert "parallel and distributed" in messages.get_title()
+    links = " ".join(t.get_text() for t in messages.texts)
+    assert "TCP" in links and "shared memory" not in links  # gloo's transports: TCP, ibverbs, uv
+
+
+# The lesson writes the three formulas by hand (rule: the notebook's code is the package's code):
+# the functions it defines must have the package's names and give the package's numbers.
+LESSON = Path(__file__).resolve().parents[1] / "notebooks" / "03_parallel_computing_basics.ipynb"
+LESSON_FUNCTIONS = ("amdahl", "gustafson", "serial_fraction_from_speedup", "karp_flatt")
+
+
+def lesson_functions() -> dict:
+    """The lesson's own definitions of LESSON_FUNCTIONS, taken from its cells and executed alone
+    (the rest of each cell measures things, which a test must not)."""
+    namespace = {"math": math, "cu": cu}
+    for cell in json.loads(LESSON.read_text())["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        tree = ast.parse("".join(cell["source"]))
+        defs = [
+            n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in LESSON_FUNCTIONS
+        ]
+        exec(compile(ast.Module(body=defs, type_ignores=[]), str(LESSON), "exec"), namespace)
+    missing = set(LESSON_FUNCTIONS) - set(namespace)
+    assert not missing, f"lesson 03 no longer defines {sorted(missing)}"
+    return namespace
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25, 0.5, 0.9, 0.95, 0.99])
+@pytest.mark.parametrize("n", [1, 2, 8, 64, 1000])
+def test_the_lessons_laws_are_the_packages(p, n):
+    lesson = lesson_functions()
+    assert lesson["amdahl"](p, n) == pytest.approx(scaling.amdahl(p, n))
+    assert lesson["gustafson"](p, n) == pytest.approx(scaling.gustafson(p, n))
+
+
+@pytest.mark.parametrize("speedup", [0.5, 1.0, 1.6, 2.0, 2.3, 7.9])  # e above 1 and below 0 too
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_the_lessons_karp_flatt_is_the_packages(speedup, n):
+    lesson = lesson_functions()
+    expected = scaling.serial_fraction_from_speedup(speedup, n)
+    assert lesson["serial_fraction_from_speedup"](speedup, n) == pytest.approx(expected)
+
+
+def test_the_lessons_karp_flatt_spread_keeps_every_repeat_and_negative_values():
+    karp_flatt = lesson_functions()["karp_flatt"]
+    speedups = cu.measure.spread([1.6, 2.0, 2.2])  # the last beats 2 workers: e < 0
+    e = karp_flatt(speedups, 2)
+    assert sorted(e.samples) == pytest.approx([100 * (1 / 2.2 - 0.5) / 0.5, 0.0, 25.0])
+    assert e.low < 0 < e.high
+    line = cu.readout.ratio("e", e, 0.0, words=("larger", "smaller"), baseline="0%", unit="%")
+    assert line.verdict == "within"  # one repeat on each side of 0: no claim

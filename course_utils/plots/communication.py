@@ -13,7 +13,14 @@ from course_utils import measure
 from course_utils.plots.core import _axes
 from course_utils.plots.measured import _spread_line
 
-__all__ = ["collective_diagram", "ring_steps", "bandwidth", "step_costs", "ring_scaling"]
+__all__ = [
+    "collective_diagram",
+    "ring_steps",
+    "bandwidth",
+    "step_costs",
+    "ring_scaling",
+    "gradient_sync_costs",
+]
 
 
 def collective_diagram(before, after, title: str | None = None, ax=None):
@@ -289,3 +296,32 @@ def _bytes_label(nbytes: float) -> str:
         if nbytes >= scale:
             return f"{nbytes / scale:g} {unit}"
     return f"{nbytes:g} B"
+
+
+def gradient_sync_costs(
+    sync: dict[str, dict], tensor_bytes: dict[str, Sequence[int]], model, ax=None
+):
+    """Lesson 04's data-parallel step on 2 workers: for each model in ``sync`` (name ->
+    ``{"compute_s", "per_tensor_s", "bucket_s"}``, each a spread or a list of seconds), the
+    compute of a step beside the all-reduce of its gradients tensor by tensor and in one bucket,
+    with the alpha-beta ``model``'s predictions (from ``tensor_bytes``: name -> each gradient
+    tensor's bytes) as diamonds. :func:`step_costs` draws it."""
+    names = list(sync)
+    total = {n: sum(tensor_bytes[n]) for n in names}
+    series = {
+        "compute (forward + backward + optimizer)": "compute_s",
+        "all-reduce per tensor": "per_tensor_s",
+        "all-reduce in one bucket": "bucket_s",
+    }
+    return step_costs(
+        [f"{n.upper()} ({total[n] / 1024:,.0f} KB of gradients)" for n in names],
+        {label: [sync[n][key] for n in names] for label, key in series.items()},
+        model={
+            "all-reduce per tensor": [
+                float(sum(model.predict(b) for b in tensor_bytes[n])) for n in names
+            ],
+            "all-reduce in one bucket": [float(model.predict(total[n])) for n in names],
+        },
+        title="One data-parallel step on 2 workers: computing vs synchronising the gradients",
+        ax=ax,
+    )

@@ -210,8 +210,8 @@ def memory_models(axes=None):
     ax.text(
         2.5,
         3.3,
-        "send / receive / all-reduce\nover a link: gloo (TCP, shared memory),\n"
-        "NCCL (NVLink, InfiniBand)",
+        "send / receive / all-reduce\nover a link: gloo (TCP; ibverbs, uv),\n"
+        "NCCL (NVLink, PCIe, InfiniBand)",
         ha="center",
         va="center",
         fontsize=8,
