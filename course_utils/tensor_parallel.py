@@ -19,7 +19,10 @@ dim squared, so tensor parallelism pays for wide layers on fast links (inside on
 
 Then the same with PyTorch's DTensor: :func:`plan` for ``parallelize_module``
 (``ColwiseParallel``, ``RowwiseParallel``, and ``SequenceParallel`` for the norms) on a
-``DeviceMesh`` (:func:`mesh`, 1-D or data x tensor parallel).
+``DeviceMesh`` (:func:`mesh`, 1-D or data x tensor parallel). Lesson 09 writes the operators, the
+layers and the blocks by hand under these names and signatures; ``tests/test_tp_lesson.py`` checks
+that they give the same outputs and gradients. :func:`timed_steps` and :func:`sweep` measure steps
+split and whole, for the lesson's width and batch sweep.
 """
 
 from __future__ import annotations
@@ -56,8 +59,8 @@ class CopyToParallel(torch.autograd.Function):
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad.contiguous(), ctx.group), None
+    def backward(ctx, grad):  # a copy: autograd may hand the same gradient to other branches
+        return _all_reduce(grad.contiguous().clone(), ctx.group), None
 
 
 class ReduceFromParallel(torch.autograd.Function):
@@ -77,7 +80,7 @@ class ColumnParallelLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, rank: int, world_size: int):
         super().__init__()
-        rows = _slice(linear.out_features, rank, world_size)
+        rows = block_of(linear.out_features, rank, world_size)
         self.weight = nn.Parameter(linear.weight.detach()[rows].clone())  # (out/T, in)
         self.bias = nn.Parameter(linear.bias.detach()[rows].clone())  # (out/T,)
         self.split = {"weight": 0, "bias": 0}  # the dimension each parameter is cut along
@@ -92,7 +95,7 @@ class RowParallelLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, rank: int, world_size: int, group=None):
         super().__init__()
-        cols = _slice(linear.in_features, rank, world_size)
+        cols = block_of(linear.in_features, rank, world_size)
         self.weight = nn.Parameter(linear.weight.detach()[:, cols].clone())  # (out, in/T)
         self.bias = nn.Parameter(linear.bias.detach().clone())  # whole, on every rank
         self.group = group
@@ -102,7 +105,8 @@ class RowParallelLinear(nn.Module):
         return ReduceFromParallel.apply(F.linear(x, self.weight), self.group) + self.bias
 
 
-def _slice(n: int, rank: int, world_size: int) -> slice:
+def block_of(n: int, rank: int, world_size: int) -> slice:
+    """Rank ``rank``'s block of ``n`` features: ``rank * n / N`` .. ``(rank + 1) * n / N``."""
     if n % world_size:
         raise ValueError(f"{n} features do not divide among {world_size} ranks")
     return slice(rank * n // world_size, (rank + 1) * n // world_size)
@@ -182,7 +186,12 @@ def plan(model: models.Transformer, sequence_parallel: bool = False) -> dict:
     """``parallelize_module``'s plan for the course's transformer: Megatron's split of every
     block; with ``sequence_parallel``, the norms (and the residual stream between blocks) split
     along the sequence, so that each rank normalises only its tokens (Korthikanti et al. 2022,
-    arXiv:2205.05198): the all-reduces become reduce-scatters and all-gathers, same bytes."""
+    arXiv:2205.05198): the all-reduces become reduce-scatters and all-gathers, same bytes.
+
+    With ``sequence_parallel``, each rank's norm weights and biases see only its tokens: their
+    gradients are partial sums, ``Partial(sum)`` DTensors, that must be all-reduced over the
+    tensor-parallel group. DTensor's optimizer step does it (one all-reduce per norm parameter);
+    code that reads ``grad.to_local()`` must all-reduce them itself, as Megatron-LM does."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,

@@ -18,7 +18,7 @@ LAYERS = [
     {"hardware", "data", "models", "loop", "measure", "readout", "scaling", "interpret"}
     | {"debugging", "single_device"},
     {"launch", "collectives", "checkpoint", "profiling", "overlap"},
-    {"ddp", "sharding", "pipeline", "tensor_parallel", "faq"},
+    {"ddp", "sharding", "pipeline", "tensor_parallel", "tp_timing", "faq"},
     {"config", "train"},
     {"plots"},
     {"widgets"},

@@ -1,10 +1,20 @@
-"""Lesson 09's figures: Megatron's MLP split, a device mesh's groups, and the measured
-tensor-parallel speedups with their spreads."""
+"""Lesson 09: its figures (Megatron's MLP split, a device mesh's groups, the measured
+tensor-parallel speedups with their spreads), and its hand-written layers against the package's
+(the same names and signatures, the same outputs and gradients)."""
+
+import inspect
+import json
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
 
 import course_utils as cu
+from course_utils import tensor_parallel as tp
 
 
 def texts(fig) -> list[str]:
@@ -90,3 +100,66 @@ def test_the_speedup_figure_takes_single_measurements_and_one_implementation():
     names = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert "batch 8" in names and "noisy: repeats > 20% apart" not in names
     plt.close(fig)
+
+
+# --- the lesson's hand-written layers are the package's --------------------------------------
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "09_tensor_parallel.ipynb"
+DEFINED = ("class CopyToParallel", "def block_of", "class ParallelMLP")
+
+
+def lesson_layers() -> dict:
+    """The lesson's cells that define f, g, the two split linear layers and the two blocks, run."""
+    cells = ["".join(c["source"]) for c in json.loads(NOTEBOOK.read_text())["cells"]]
+    namespace = {"torch": torch, "dist": dist, "nn": nn, "F": F}
+    for name in DEFINED:
+        (cell,) = [c for c in cells if c.startswith(name) or f"\n{name}" in c]
+        exec(compile(cell, str(NOTEBOOK), "exec"), namespace)
+    return namespace
+
+
+def lesson_and_package(part: str) -> list:
+    """In a worker: block 0's ``part`` split by the lesson's classes and by the package's, on the
+    same input and loss: (output, input gradient, parameter gradients, split dims) of each."""
+    lesson = lesson_layers()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    out = []
+    for classes in (lesson, vars(tp)):
+        whole = getattr(cu.models.build("transformer", seed=0).blocks[0], part)
+        cls = classes["ParallelMLP" if part == "mlp" else "ParallelAttention"]
+        layer = cls(whole, rank, world_size, None)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(4, 16, 64, generator=g).requires_grad_()
+        y = layer(x)
+        (y * torch.randn(y.shape, generator=g)).sum().backward()
+        grads = {n: p.grad for n, p in layer.named_parameters()}
+        splits = {n: m.split for n, m in layer.named_modules() if hasattr(m, "split")}
+        out.append((y.detach(), x.grad, grads, splits))
+    return out
+
+
+@pytest.mark.parametrize("part", ["mlp", "attn"])
+def test_the_lessons_split_layers_give_the_packages_outputs_and_gradients(part):
+    for rank, (mine, package) in enumerate(cu.launch.run(lesson_and_package, 2, part, threads=1)):
+        (y, x_grad, grads, splits), (y_p, x_grad_p, grads_p, splits_p) = mine, package
+        torch.testing.assert_close(y, y_p, rtol=0, atol=0, msg=f"rank {rank}: output")
+        torch.testing.assert_close(x_grad, x_grad_p, rtol=0, atol=0, msg=f"rank {rank}")
+        assert grads.keys() == grads_p.keys() and splits == splits_p
+        for name, g in grads.items():
+            torch.testing.assert_close(g, grads_p[name], rtol=0, atol=0, msg=name)
+
+
+def test_the_lessons_classes_have_the_packages_names_and_signatures():
+    lesson = lesson_layers()
+    names = ["CopyToParallel", "ReduceFromParallel", "ColumnParallelLinear", "RowParallelLinear"]
+    for name in [*names, "ParallelMLP", "ParallelAttention", "block_of"]:
+        mine, package = lesson[name], getattr(tp, name)
+        for method in ("forward", "backward", "__init__") if isinstance(mine, type) else (None,):
+            if method and not hasattr(package, method):
+                continue
+            a = inspect.signature(getattr(mine, method) if method else mine)
+            b = inspect.signature(getattr(package, method) if method else package)
+            assert list(a.parameters) == list(b.parameters), (name, method)
+    for n, world_size in [(8, 2), (12, 4), (256, 2)]:
+        for rank in range(world_size):
+            assert lesson["block_of"](n, rank, world_size) == tp.block_of(n, rank, world_size)
