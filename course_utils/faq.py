@@ -1,4 +1,4 @@
-"""The numbers behind the challenges lesson's answers: the compute-to-communication ratio of data
+"""The numbers behind lessons 11 and 12's answers: the compute-to-communication ratio of data
 parallelism, and a small decision guide (data, pipeline or both) driven by the same alpha-beta
 cost model as lesson 04 (memory under ZeRO / FSDP: :mod:`course_utils.sharding`). Pure functions of numbers: no processes.
 
@@ -131,3 +131,33 @@ def choose_parallelism(num_devices: int, **job) -> Plan:
             "no layout fits: shard the state (ZeRO-3 / FSDP) or split the layers (tensor parallel)",
         )
     return best
+
+
+def transformer_job(
+    num_params: float,
+    bandwidth: float,
+    layers: int = 24,
+    tokens: int = 1024,
+    batch_size: int = 64,
+    device_memory: float = 80e9,
+    device_flops: float = 200e12,
+    alpha: float = 10e-6,
+    num_microbatches: int = 8,
+) -> dict:
+    """The keyword arguments of :func:`plan` for a GPT-like transformer of ``num_params``
+    parameters on links of ``bandwidth`` bytes/s: about ``12 hidden^2`` parameters per layer,
+    2 FLOPs per parameter per token, ``34 x tokens x hidden`` bytes of fp16 activations per layer
+    (Korthikanti et al., 2022), and one ``(tokens, hidden)`` fp16 tensor between stages."""
+    hidden = math.sqrt(num_params / (12 * layers))
+    return dict(
+        num_params=num_params,
+        flops_per_sample=2 * num_params * tokens,
+        activation_bytes_per_sample=34 * tokens * hidden * layers,
+        boundary_bytes_per_sample=2 * tokens * hidden,
+        batch_size=batch_size,
+        device_memory=device_memory,
+        device_flops=device_flops,
+        alpha=alpha,
+        beta=bandwidth,
+        num_microbatches=num_microbatches,
+    )

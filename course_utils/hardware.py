@@ -121,3 +121,20 @@ def summary() -> MachineInfo:
 def describe() -> str:
     """One line per fact of :func:`summary`, for printing."""
     return "\n".join(f"{k:>14}: {v}" for k, v in asdict(summary()).items())
+
+
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 flags of bf16 arithmetic units (oneDNN uses them)
+
+
+def bf16_units(cpuinfo: str | None = None) -> list[str] | None:
+    """The bf16 arithmetic flags this CPU reports (``avx512_bf16``, ``amx_bf16``) in
+    ``/proc/cpuinfo`` (or the given text): ``[]`` when it reports none, ``None`` when this
+    system has no ``/proc/cpuinfo`` to read (not Linux)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return None
+    flags = set(cpuinfo.split())
+    return [flag for flag in BF16_FLAGS if flag in flags]

@@ -21,6 +21,7 @@ __all__ = [
     "agreement",
     "pca",
     "nearest_centroid",
+    "decode_grid",
 ]
 
 
@@ -130,3 +131,20 @@ def nearest_centroid(
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     confusion.index_put_((y_test, predicted), torch.ones_like(y_test), accumulate=True)
     return (predicted == y_test).double().mean().item(), confusion
+
+
+@torch.no_grad()
+def decode_grid(
+    decoder: torch.nn.Module, codes: torch.Tensor, grid: int = 12, quantile: float = 0.01
+) -> tuple[torch.Tensor, tuple[float, float, float, float]]:
+    """What a 2-number code's ``decoder`` draws on a ``grid`` x ``grid`` lattice over the square
+    that holds all but the outer ``quantile`` of ``codes`` on each axis: ``(grid, grid, H, W)``
+    images (row 0 at the bottom, code 1 left to right) and the square's extent
+    ``(x_low, x_high, y_low, y_high)``."""
+    lo = torch.quantile(codes.float(), quantile, dim=0).tolist()
+    hi = torch.quantile(codes.float(), 1 - quantile, dim=0).tolist()
+    u = torch.linspace(lo[0], hi[0], grid)  # code 1, left to right
+    v = torch.linspace(lo[1], hi[1], grid)  # code 2, bottom to top
+    lattice = torch.stack(torch.meshgrid(v, u, indexing="ij")[::-1], -1).reshape(-1, 2)
+    images = decoder(lattice)
+    return images.reshape(grid, grid, *images.shape[-2:]), (lo[0], hi[0], lo[1], hi[1])

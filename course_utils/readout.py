@@ -262,11 +262,15 @@ def against(
     return Reading(line, v, {"fraction": frac.median, "low": frac.low, "high": frac.high})
 
 
-def value(label: str, measured: Spread | float | Iterable[float], unit: str = "") -> Reading:
-    """One measurement and its spread, no verdict: "label: 693 samples/s (650-720)"."""
+def value(
+    label: str, measured: Spread | float | Iterable[float], unit: str = "", computed: bool = False
+) -> Reading:
+    """One measurement and its spread, no verdict: "label: 693 samples/s (650-720)". A single
+    timing says ", one run"; a ``computed`` number (a fit, an exact error) says nothing of runs."""
     s = _as_spread(measured)
     sep = " " if unit and unit[0].isalnum() and unit != "x" else ""  # 12 ms, 1.10x
-    return Reading(f"{label}: {span(s, sep + unit)}{_one_run(s)}", "", {"median": s.median})
+    runs = "" if computed else _one_run(s)
+    return Reading(f"{label}: {span(s, sep + unit)}{runs}", "", {"median": s.median})
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence]) -> Reading:

@@ -1,4 +1,4 @@
-"""The challenges lesson's numbers: the compute-to-communication ratio and the decision guide
+"""Lessons 11 and 12's numbers: the compute-to-communication ratio and the decision guide
 (ZeRO/FSDP memory: tests/test_sharding.py)."""
 
 import math

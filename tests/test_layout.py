@@ -18,8 +18,8 @@ LAYERS = [
     {"hardware", "data", "models", "loop", "measure", "readout", "scaling", "interpret"}
     | {"debugging", "single_device"},
     {"launch", "collectives", "checkpoint", "profiling", "overlap"},
-    {"ddp", "sharding", "pipeline", "tensor_parallel", "tp_timing", "faq"},
-    {"config", "train"},
+    {"ddp", "sharding", "pipeline", "tensor_parallel", "tp_timing", "faq", "challenges", "restart"},
+    {"config", "train", "large_batch", "scaling_runs"},
     {"plots"},
     {"widgets"},
 ]

@@ -103,6 +103,7 @@ def test_a_reference_of_zero_is_compared_by_the_difference():
 def test_units_are_spaced_as_written():
     assert str(readout.value("s", [1.1], "x")) == "s: 1.10x, one run"
     assert str(readout.value("s", [1.1], "ms")) == "s: 1.10 ms, one run"
+    assert str(readout.value("alpha", 102.0, "µs", computed=True)) == "alpha: 102 µs"
 
 
 def test_a_spread_below_zero_reads_with_to():

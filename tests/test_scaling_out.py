@@ -1,20 +1,20 @@
-"""Scaling out with torchrun (lesson 11, scripts/README.md): the multi-node form of the training
+"""Scaling out with torchrun (lesson 12, scripts/README.md): the multi-node form of the training
 entry point, run on one machine, and a worker killed mid-run that torchrun restarts from the last
 checkpoint. Both end with the per-step losses of one process training alone."""
 
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import ROOT
 
-from course_utils import launch
+from course_utils import launch, restart
 from course_utils.train import RunConfig, run
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"  # installed with torch, beside this python
@@ -106,45 +106,16 @@ def test_two_torchrun_agents_as_two_nodes_train_like_one_process(tmp_path):
 
 @pytest.mark.skipif(not HAS_PROC, reason="finds the worker to kill through /proc (Linux)")
 def test_a_killed_worker_is_restarted_and_the_run_resumes_from_its_checkpoint(tmp_path):
-    steps, every, batch_size = 80, 10, 64
-    ckpt, out = tmp_path / "ckpt", tmp_path / "run.json"
-    command = [
-        TORCHRUN,
-        "--nproc-per-node", "2",
-        "--max-restarts", "1",
-        "--standalone",  # c10d rendezvous on a free port: one that can run a second round
-        *train_args("--steps", str(steps), "--batch-size", str(batch_size), "--json", str(out),
-                    "--checkpoint", str(ckpt), "--checkpoint-every", str(every)),
-    ]  # fmt: skip
+    # lesson 12's run: torchrun, 2 workers, one SIGKILLed after rank 0's first checkpoint.
     # Restarted gloo workers must not meet in the store the first attempt used: its stale keys
-    # send them to the dead workers' addresses and they hang (pytorch/pytorch#135712). Without
-    # sharing, every round of the rendezvous gets a fresh store.
-    env = {**clean_env(), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-    agent = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    guard = threading.Timer(2 * AGENT_TIMEOUT_S, agent.kill)  # a hang ends the job (and the read)
-    guard.start()
-    try:
-        log = []
-        for line in agent.stdout:  # rank 0 says when it has saved: the first checkpoint, step 10
-            log.append(line)
-            if line.startswith(f"checkpoint: step {every} saved"):
-                break
-        assert agent.poll() is None, "".join(log)[-3000:]
-        victims = {rank_of(pid): pid for pid in launch.children(agent.pid)}
-        os.kill(victims[1], signal.SIGKILL)  # rank 1 dies mid-run, as a crashed node would
-        log = "".join(log) + agent.communicate(timeout=AGENT_TIMEOUT_S)[0]
-        assert agent.returncode == 0, log[-3000:]
-    finally:
-        guard.cancel()
-        stop([agent])
-    result = json.loads(out.read_text())
+    # send them to the dead workers' addresses and they hang (pytorch/pytorch#135712); the
+    # helper sets TORCH_DISABLE_SHARE_RDZV_TCP_STORE so that every round gets a fresh store.
+    steps, every, batch_size = 80, 10, 64
+    job = restart.kill_one_worker(steps, every, batch_size, tmp_path, timeout=2 * AGENT_TIMEOUT_S)
+    log = "".join(line for _, line in job["lines"])[-3000:]
+    assert job["killed_pid"] is not None and job["returncode"] == 0, log
+    assert not launch.processes.alive(job["killed_pid"])
+    result = job["run"]
     # the run was restarted, and resumed from a checkpoint (a multiple of `every`), not step 0
     assert result["resumed_from_step"] > 0 and result["resumed_from_step"] % every == 0, log
     assert result["resumed_from_step"] < steps
@@ -156,6 +127,30 @@ def test_a_killed_worker_is_restarted_and_the_run_resumes_from_its_checkpoint(tm
         RunConfig(parallel="ddp", nproc=2, batch_size=batch_size, steps=steps), progress=False
     )
     torch.testing.assert_close(result["losses"], whole["losses"], rtol=0, atol=0)
+    pace = restart.checkpoint_pace(job["lines"], job["killed_at"], every)
+    assert pace["per_step"] > 0 or math.isnan(pace["per_step"])
+
+
+def test_checkpoint_pace_times_the_restarted_steps_and_the_restart():
+    lines = [
+        (0.5, "some other line\n"),
+        (1.0, "checkpoint: step 10 saved\n"),
+        (5.0, "checkpoint: step 20 saved\n"),  # after the kill at 1.5 s: resumed from step 10
+        (6.0, "checkpoint: step 30 saved\n"),
+    ]
+    pace = restart.checkpoint_pace(lines, killed_at=1.5, every=10)
+    assert pace["per_step"] == pytest.approx(0.1)
+    assert pace["restart"] == pytest.approx(5.0 - 1.5 - 10 * 0.1)
+    assert pace["lost"] == pytest.approx(1.0)
+    assert math.isnan(restart.checkpoint_pace(lines[:3], killed_at=1.5, every=10)["per_step"])
+
+
+def test_the_torchrun_command_checkpoints_and_restarts_once(tmp_path):
+    command = restart.torchrun_command(40, 10, 64, tmp_path)
+    assert Path(command[0]).name == "torchrun"
+    joined = " ".join(command)
+    assert "--max-restarts 1" in joined and "--checkpoint-every 10" in joined
+    assert f"--checkpoint {tmp_path / 'checkpoint'}" in joined and "-m course_utils.train" in joined
 
 
 def test_the_slurm_script_runs_the_entry_point_through_srun_and_torchrun(tmp_path):

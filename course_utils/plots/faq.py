@@ -1,4 +1,4 @@
-"""Figures of lesson 11: the decision guide, the compute-to-communication ratio measured against
+"""Figures of lessons 11 and 12: the decision guide, the compute-to-communication ratio measured against
 the cost model, step times of ranks that wait for each other, attribution maps and how far they
 agree, and an autoencoder's 2-D code."""
 
@@ -32,7 +32,7 @@ def decision_map(
     marks: dict | None = None,
     ax=None,
 ):
-    """Which strategy wins where (lesson 11's decision guide): ``choices[i][j]`` is the label at
+    """Which strategy wins where (lesson 12's decision guide): ``choices[i][j]`` is the label at
     ``(xs[j], ys[i])``, one colour per label, both axes logarithmic; ``marks`` ``{"name": (x, y)}``
     places named points (e.g. this machine) on the map."""
     from matplotlib.colors import ListedColormap
