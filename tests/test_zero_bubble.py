@@ -1,4 +1,4 @@
-"""Zero-bubble schedules (lesson 06): the backward split into B (the input's gradient) and W (the
+"""Zero-bubble schedules (lesson 07): the backward split into B (the input's gradient) and W (the
 weights'), on paper against the paper's numbers and torch's own orders, and for real against one
 process. Workers are launched with threads=1 (see tests/test_pipeline.py)."""
 

@@ -1,6 +1,6 @@
 """A pipeline rank at work: checking a configuration, this rank's stage and engine
-(:class:`Pipeline`), a measured run for lesson 06 and its panel (:func:`profile`), and the rank's
-:class:`course_utils.loop.Role` in ``--parallel pipeline`` (:func:`role`).
+(:class:`Pipeline`), a measured run for lessons 06-07 and the panel (:func:`profile`), and the
+rank's :class:`course_utils.loop.Role` in ``--parallel pipeline`` (:func:`role`).
 
 Why the losses equal one process's: the last stage's loss is the mean over a microbatch, and with
 ``m`` equal microbatches the mean of their means is the mean over the batch. The gradients too:
@@ -244,7 +244,7 @@ def one_process_throughput(
 
 @dataclass
 class Profile:
-    """One measured pipeline run of lesson 06 and its panel: what :func:`profile` trains."""
+    """One measured pipeline run of lessons 06-07 and the panel: what :func:`profile` trains."""
 
     model: str = "cnn"  # "cnn", "rnn" or "transformer"
     microbatches: int = 4  # per global batch

@@ -7,7 +7,7 @@ own grid) and returns the figure; importing this package changes no global matpl
   points marked): :func:`measurements`, which every panel uses, and :func:`throughput`;
 - :mod:`~course_utils.plots.diagrams` and :mod:`~course_utils.plots.scaling_laws`: lesson 03;
 - :mod:`~course_utils.plots.communication`: lesson 04; :mod:`~course_utils.plots.data_parallel`:
-  lesson 05; :mod:`~course_utils.plots.pipeline`: lesson 06; :mod:`~course_utils.plots.faq`:
+  lesson 05; :mod:`~course_utils.plots.pipeline`: lessons 06-07; :mod:`~course_utils.plots.faq`:
   lesson 11;
 - :mod:`~course_utils.plots.sharding`: lesson 08 (memory per rank under ZeRO, traffic by stage);
 - :mod:`~course_utils.plots.tensor_parallel`: lesson 09 (Megatron's split, a device mesh, the

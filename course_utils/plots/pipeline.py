@@ -1,4 +1,4 @@
-"""Figures of lesson 06: Gantt charts of pipeline schedules, the bubble, the pipeline panel."""
+"""Figures of lessons 06 and 07: Gantt charts of pipeline schedules, the bubble, the pipeline panel."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 from course_utils.plots.core import _axes
 from course_utils.plots.measured import _noisy_legend, measurements
 
-__all__ = ["gantt", "bubble", "schedule_bubbles", "pipeline_speedups", "pipeline_panel"]
+__all__ = ["gantt", "gantts", "bubble", "schedule_bubbles", "pipeline_speedups", "pipeline_panel"]
 
 
 def _field(event, name: str):
@@ -271,5 +271,29 @@ def pipeline_panel(
         axes[1].text(0.5, 0.5, "press Run to measure this setting", ha="center", va="center")
         axes[1].set_axis_off()
     pipeline_speedups(points, p, title=f"p = {p}, measured", ax=axes[2])
+    fig.tight_layout()
+    return fig
+
+
+def gantts(
+    panels: Sequence[Sequence[tuple]],
+    unit: str = "ms",
+    num_stages: int | None = None,
+    row_label: str | None = None,
+    width: float = 11.0,
+):
+    """A grid of :func:`gantt` charts on one time axis: ``panels[row][column]`` is
+    ``(events, title)``; the x axis of every chart reaches the longest timeline, so that bars of
+    the same length look the same everywhere (a simulated step beside a measured one)."""
+    nrows, ncols = len(panels), max(len(r) for r in panels)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, 2.5 * nrows + 0.3), squeeze=False)
+    scale = {"ms": 1e3, "s": 1.0, "slot": 1.0}[unit]
+    end = max(e.end for row in panels for ev, _ in row for e in ev)
+    for r, row in enumerate(panels):
+        for c, (events, title) in enumerate(row):
+            gantt(events, title, unit, num_stages, axes[r, c], row_label)
+            axes[r, c].set_xlim(0, 1.01 * scale * end)
+        for c in range(len(row), ncols):
+            axes[r, c].set_axis_off()
     fig.tight_layout()
     return fig
