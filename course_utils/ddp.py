@@ -1,5 +1,5 @@
 """Data parallel training (lesson 05): written by hand (all_reduce of the gradients), then with
-``DistributedDataParallel``, and what synchronising costs.
+``DistributedDataParallel``, its buckets watched from the inside, and what synchronising costs.
 
 The idea in one line: N replicas of the model each take 1/N of the global batch, compute their
 gradients, *average* them with an all-reduce, and take the same optimizer step, so they stay
@@ -101,3 +101,55 @@ def time_sync(model_name: str, batch_size: int, num_steps: int = 10, seed: int =
     medians = torch.tensor([statistics.median(times[k]) for k in times], dtype=torch.float64)
     dist.all_reduce(medians, op=dist.ReduceOp.MAX)
     return dict(zip(times, medians.tolist()))
+
+
+def watch_backward(bucket_cap_mb: float | None, batch_size: int = 64, repeats: int = 3) -> dict:
+    """One CNN backward pass under DDP, watched from the inside (lesson 05, section 3.2): when
+    each parameter's gradient is ready (``register_post_accumulate_grad_hook``) and when each
+    bucket's all-reduce runs (a communication hook doing what DDP's default hook does, plus two
+    clock readings). Run it on every rank. Returns this rank's ``events`` and ``backward_s`` of
+    the last repeat, and ``first_start_ms``: for every repeat after the first, when the first
+    bucket's all-reduce started, in ms after the last gradient was ready (negative: before it,
+    overlapping the backward computation; positive: it waited for the last gradient)."""
+    me = launch.worker()
+    X, y = data.mnist("train", limit=batch_size)
+    X_shard, y_shard = X[me.rank :: me.world_size], y[me.rank :: me.world_size]  # (B / N, ...)
+    model = models.build("cnn", seed=0)
+    ddp_model = DistributedDataParallel(model, bucket_cap_mb=bucket_cap_mb)
+    names = {param: name for name, param in model.named_parameters()}
+    events, t0 = [], [0.0]
+
+    def now() -> float:
+        return time.perf_counter() - t0[0]
+
+    def gradient_ready(param):
+        events.append({"kind": "grad", "name": names[param], "start": now(), "end": now()})
+
+    def timed_allreduce(state, bucket):  # DDP's default hook, plus two clock readings
+        start, buffer = now(), bucket.buffer()  # the bucket: its gradients, flattened
+        buffer.div_(me.world_size)
+        future = dist.all_reduce(buffer, async_op=True).get_future()
+        tensors = ", ".join(names[p] for p in bucket.parameters())
+        label = f"{tensors} ({4 * buffer.numel() / 1024:.0f} KB)"
+
+        def finished(fut):
+            events.append({"kind": "allreduce", "name": label, "start": start, "end": now()})
+            return fut.value()[0]
+
+        return future.then(finished)
+
+    for param in model.parameters():
+        param.register_post_accumulate_grad_hook(gradient_ready)
+    ddp_model.register_comm_hook(None, timed_allreduce)
+    first_start_ms = []
+    for repeat in range(repeats + 1):  # the first repeat warms up and is not kept
+        events.clear()
+        loss = F.cross_entropy(ddp_model(X_shard), y_shard)
+        t0[0] = time.perf_counter()
+        loss.backward()  # returns when every bucket has been all-reduced
+        backward_s = now()
+        starts = [e["start"] for e in events if e["kind"] == "allreduce"]
+        last_ready = max(e["start"] for e in events if e["kind"] == "grad")
+        if repeat > 0:
+            first_start_ms.append(1e3 * (min(starts) - last_ready))
+    return {"events": list(events), "backward_s": backward_s, "first_start_ms": first_start_ms}

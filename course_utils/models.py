@@ -53,7 +53,9 @@ class RNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, T, input_size). Bug 3 fixed: h0 is (num_layers, B, hidden_size).
-        h0 = torch.zeros(self.rnn.num_layers, x.size(0), self.hidden_size, device=x.device)
+        h0 = torch.zeros(
+            self.rnn.num_layers, x.size(0), self.hidden_size, device=x.device, dtype=x.dtype
+        )
         out, _ = self.rnn(x, h0)  # out: (B, T, hidden_size)
         return self.fc(out[:, -1, :])  # (B, output_size), from the last time step
 

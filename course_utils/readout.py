@@ -288,7 +288,7 @@ def table(headers: Sequence[str], rows: Iterable[Sequence]) -> Reading:
     body = [[cell(x) for x in row] for row in rows]
     if any(len(r) != len(headers) for r in body):
         raise ValueError("every row needs one value per header")
-    widths = [max(len(str(h)), *(len(r[i]) for r in body)) for i, h in enumerate(headers)]
+    widths = [max([len(str(h))] + [len(r[i]) for r in body]) for i, h in enumerate(headers)]
     lines = ["  ".join(str(h).ljust(w) for h, w in zip(headers, widths)).rstrip()]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in body]
     return Reading("\n".join(lines), "", {"rows": body})

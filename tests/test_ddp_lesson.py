@@ -214,3 +214,105 @@ def test_large_batch_plot_draws_a_line_per_recipe_and_marks_divergence():
     assert [float(c.get_ydata()[0]) for c in crosses] == [0.16]
     assert [t.get_text() for t in acc_ax.get_xticklabels()][0] == "32\n128 steps"
     plt.close(fig)
+
+
+def lesson_cell(defines: str) -> str:
+    """The source of lesson 05's code cell that defines ``defines``."""
+    import json
+
+    from conftest import ROOT
+
+    notebook = json.loads((ROOT / "notebooks" / "05_data_parallel.ipynb").read_text())
+    sources = ["".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code"]
+    (source,) = [s for s in sources if f"def {defines}(" in s]
+    return source
+
+
+def test_the_lessons_average_gradients_is_the_packages():
+    # Rule 5 of issue 22: the lesson writes average_gradients by hand with the package's name and
+    # signature, and both give the same gradients (bit for bit: the same sums in the same order).
+    import inspect
+
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    namespace = {"cu": cu, "dist": dist, "torch": torch, "F": F}
+    exec(lesson_cell("average_gradients"), namespace)  # defines only: nothing runs
+    lesson = namespace["average_gradients"]
+
+    def parameters(fn):  # names, kinds and defaults (the lesson writes no type hints)
+        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+    assert parameters(lesson) == parameters(cu.ddp.average_gradients)
+
+    def both():
+        rank = dist.get_rank()
+        X, y = cu.data.mnist("train", limit=16)
+        grads = []
+        for average in (lesson, cu.ddp.average_gradients):
+            model = cu.models.build("cnn", seed=0)
+            model.unused = torch.nn.Linear(2, 2)  # a parameter without a gradient: skipped
+            F.cross_entropy(model(X[rank::2]), y[rank::2]).backward()  # each rank its own data
+            average(model)
+            grads.append([p.grad for p in model.parameters() if p.grad is not None])
+        return grads
+
+    per_rank = launch.run(both, 2, threads=1, device="cpu")
+    for mine, package in per_rank:
+        assert len(mine) == len(package) == len(list(cu.models.build("cnn").parameters()))
+        for a, b in zip(mine, package):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(per_rank[0][0], per_rank[1][0]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # every rank holds the same average
+
+
+def test_watch_backward_sees_one_bucket_after_backward_and_small_buckets_overlapping():
+    default, small = (
+        launch.run(cu.ddp.watch_backward, 2, cap, 32, 2, threads=1, device="cpu")[0]
+        for cap in (None, 0.1)
+    )
+    for watched, buckets in ((default, 1), (small, 2)):
+        kinds = [e["kind"] for e in watched["events"]]
+        assert kinds.count("grad") == 6  # the CNN's six parameter tensors
+        assert (kinds.count("allreduce") == 1) == (buckets == 1) and kinds.count("allreduce") >= 1
+        assert len(watched["first_start_ms"]) == 2 and watched["backward_s"] > 0
+    # one bucket: its all-reduce can only start once the last gradient is ready
+    assert all(ms > 0 for ms in default["first_start_ms"])
+    assert small["events"][-1]["end"] <= small["backward_s"] + 1e-3
+
+
+def test_lesson_figures_same_training_sync_costs_timelines_and_race():
+    fig = cu.plots.same_training([2.3, 2.0, 1.5], [2.3, 2.0, 1.5])
+    np.testing.assert_allclose(fig.axes[0].lines[1].get_ydata(), [2.3, 2.0, 1.5])
+    plt.close(fig)
+    s = cu.measure.spread
+    comm = {"cnn": {"measured": s([3.0, 4.0]), "predicted": s([1.0, 1.2])}}
+    fig = cu.plots.sync_costs(comm, 64)
+    assert [round(p.get_height(), 6) for p in fig.axes[0].patches] == [3.5, 1.1]
+    plt.close(fig)
+    event = {"kind": "allreduce", "name": "b", "start": 0.001, "end": 0.002}
+    fig = cu.plots.ddp_timelines({None: {"events": [event], "backward_s": 0.002}})
+    assert "default (25 MB): 1 bucket" in fig.axes[0].get_title()
+    plt.close(fig)
+    raced = {
+        "1 worker, batch 32": {"samples_per_s": s([100.0]), "seconds": s([4.0])},
+        "2 workers, batch 32": {"samples_per_s": s([180.0]), "seconds": None},
+    }
+    fig = cu.plots.race(raced, [32], [1, 2], 0.9)
+    assert [round(p.get_height(), 6) for p in fig.axes[1].patches] == [4.0, 0.0]
+    assert "not reached" in [t.get_text() for t in fig.axes[1].texts]
+    plt.close(fig)
+
+
+def test_the_speedup_panel_keeps_every_rounds_speedup_for_the_readout(monkeypatch):
+    rates = iter([100.0, 150.0, 100.0, 190.0])  # round 1: 1 worker, 2 workers; round 2: again
+    monkeypatch.setattr(train, "run", lambda cfg, **_: {"samples_per_s": next(rates)})
+    panel = cu.widgets.SpeedupPanel(world_sizes=(1, 2), batch_sizes=(32,), num_steps=2, repeats=2)
+    panel.controls["nproc"].value = 2
+    panel.run_button.click()
+    point = panel.results[0]
+    assert point["speedup_rounds"] == pytest.approx((1.5, 1.9))
+    reading = cu.readout.ratio("widget speedup", point["speedup_rounds"])
+    assert reading.verdict == "above" and reading.numbers["median"] == pytest.approx(1.7)
+    plt.close("all")

@@ -85,3 +85,50 @@ def test_time_to_target_is_the_first_time_the_accuracy_reached_it():
     assert loop.time_to_target(curve, 0.5) == 1.0
     assert loop.time_to_target(curve, 0.96) is None
     assert loop.time_to_target([], 0.1) is None
+
+
+def test_large_batch_train_on_2_workers_is_the_one_process_run():
+    from course_utils import large_batch
+
+    args = (64, 0.04, 256, 2)  # batch, lr, budget, warmup steps: 4 steps
+    single = large_batch.train(*args, eval_every=128, test_size=64)
+    per_rank = launch.run(large_batch.train, 2, *args, None, 128, test_size=64, threads=1,
+                          device="cpu")  # fmt: skip
+    assert single["steps"] == 4 and not single["diverged"]
+    assert [seen for seen, _, _ in single["curve"]] == [128, 256]
+    assert per_rank[0]["accuracy"] == per_rank[1]["accuracy"]  # all-reduced counts
+    assert abs(per_rank[0]["accuracy"] - single["accuracy"]) <= 1 / 64  # one image, at most
+    assert per_rank[0]["samples_per_s"] > 0
+
+
+def test_large_batch_train_stops_at_the_target_and_reports_divergence():
+    from course_utils import large_batch
+
+    stopped = large_batch.train(32, 0.01, 512, target=0.0, eval_every=64, test_size=32)
+    assert [seen for seen, _, _ in stopped["curve"]] == [64]  # reached at the first test
+    assert large_batch.samples_to_target(stopped["curve"], 0.0) == 64
+    assert large_batch.samples_to_target([(64, 1.0, 0.5), (128, 2.0, 0.8)], 0.7) == 128
+    assert large_batch.samples_to_target([(64, 1.0, 0.5)], 0.9) is None
+    wild = large_batch.train(32, float("inf"), 256, test_size=32)  # NaN weights after a step
+    assert wild["diverged"] and wild["curve"] == []
+
+
+def test_race_measures_each_setting_in_turns_and_reads_time_to_target(monkeypatch):
+    from course_utils import large_batch
+
+    seen = []
+
+    def fake_run(fn, nproc, batch_size, lr, num_samples, warmup, target, eval_every, **_):
+        seen.append((nproc, batch_size, lr))
+        curve = [(64, 1.0 * nproc, 0.5), (128, 2.0 / nproc, 0.9)]  # 2 workers: sooner
+        return [{"curve": curve, "samples_per_s": 64.0 * nproc}]
+
+    monkeypatch.setattr(large_batch.launch, "run", fake_run)
+    recipes = {32: {"lr": 0.01, "warmup_steps": 0}}
+    out = large_batch.race(recipes, [1, 2], 256, 0.8, 64, repeats=2)
+    assert seen == [(1, 32, 0.01), (2, 32, 0.01)] * 2
+    assert out["1 worker, batch 32"]["seconds"].samples == (2.0, 2.0)
+    assert out["2 workers, batch 32"]["seconds"].median == 1.0
+    assert out["2 workers, batch 32"]["samples"] == 128
+    never = large_batch.race(recipes, [1], 256, 0.95, 64, repeats=1)
+    assert never["1 worker, batch 32"]["seconds"] is None

@@ -108,3 +108,7 @@ def test_units_are_spaced_as_written():
 
 def test_a_spread_below_zero_reads_with_to():
     assert readout.span([-6.0, -3.1, 1.2], "%") == "-3.10% (-6.00 to 1.20%)"
+
+
+def test_a_table_without_rows_is_its_header():
+    assert str(readout.table(["a", "bb"], [])) == "a  bb"

@@ -11,7 +11,17 @@ import numpy as np
 from course_utils.plots.core import _axes
 from course_utils.plots.measured import _noisy_legend, _spread_line
 
-__all__ = ["speedup", "sample_orders", "ddp_timeline", "spread_bars", "large_batch"]
+__all__ = [
+    "speedup",
+    "sample_orders",
+    "ddp_timeline",
+    "spread_bars",
+    "large_batch",
+    "ddp_timelines",
+    "race",
+    "same_training",
+    "sync_costs",
+]
 
 
 def speedup(
@@ -221,6 +231,9 @@ def spread_bars(
     ax.set_ylim(0, 1.15 * top if top > 0 else 1)
     ax.grid(alpha=0.3, axis="y")
     handles, names = ax.get_legend_handles_labels()
+    # a series' key shows its colour only (its first bar may be hatched as noisy)
+    handles = [plt.Rectangle((0, 0), 1, 1, facecolor=h.patches[0].get_facecolor())
+               if hasattr(h, "patches") and h.patches else h for h in handles]  # fmt: skip
     if any_noisy:
         handles.append(plt.Rectangle((0, 0), 1, 1, facecolor="0.6", hatch="//", edgecolor="white"))
         names.append("noisy: repeats > 20% apart")
@@ -266,3 +279,70 @@ def large_batch(runs: Sequence[dict], reference: float | None = None, title: str
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def ddp_timelines(watched: dict):
+    """:func:`ddp_timeline` of several runs of :func:`course_utils.ddp.watch_backward`, one row
+    each: ``watched`` maps a ``bucket_cap_mb`` (None: DDP's default) to a rank's result."""
+    fig, axes = plt.subplots(len(watched), 1, figsize=(11, 3.25 * len(watched)), squeeze=False)
+    for ax, (cap, result) in zip(axes[:, 0], watched.items()):
+        buckets = sum(e["kind"] == "allreduce" for e in result["events"])
+        size = "default (25 MB)" if cap is None else f"{cap} MB"
+        title = f"bucket_cap_mb={size}: {buckets} bucket{'s' if buckets > 1 else ''}"
+        ddp_timeline(result["events"], result["backward_s"], title=title, ax=ax)
+    fig.tight_layout()
+    return fig
+
+
+def race(
+    results: dict[str, dict], batch_sizes: Sequence[int], workers: Sequence[int], target: float
+):
+    """Lesson 05's race to a target accuracy (:func:`course_utils.large_batch.race`): throughput
+    (left) and training seconds to ``target`` (right), bars per global batch, one colour per
+    number of workers; a setting that never reached the target says so in place of its bar."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    labels = [f"global batch {b}" for b in batch_sizes]
+
+    def series(key: str) -> dict:
+        out = {}
+        for n in workers:
+            name = f"{n} worker{'s' if n > 1 else ''}"
+            out[name] = [results[f"{name}, batch {b}"][key] for b in batch_sizes]
+        return out
+
+    spread_bars(labels, series("samples_per_s"), "training samples / s",
+                title="throughput: higher is better", fmt="{:,.0f}", ax=axes[0])  # fmt: skip
+    spread_bars(labels, series("seconds"), f"seconds of training to {target:.1%}",
+                title="time to the target: lower is better", missing="not reached",
+                fmt="{:.1f} s", ax=axes[1])  # fmt: skip
+    fig.tight_layout()
+    return fig
+
+
+def same_training(single: Sequence[float], parallel: Sequence[float]):
+    """Lesson 05, section 2: the per-step training loss of one process with the whole batch and of
+    2 workers with half each (dashed, on top: both show where they coincide)."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(range(len(single)), single, marker="o", ms=3, label="1 process, batch 64")
+    ax.plot(range(len(parallel)), parallel, "--x", label="2 workers x 32, gradients averaged")
+    ax.set(xlabel="step", ylabel="training loss", title="The same training, one process or two")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def sync_costs(comm: dict[str, dict], batch_size: int):
+    """Lesson 05, section 8: the share of a 2-worker DDP step spent synchronising, measured (a
+    synced step minus a ``no_sync`` step) beside the alpha-beta model's, per model, from
+    :func:`course_utils.scaling_runs.sync_costs`."""
+    return spread_bars(
+        [name.upper() for name in comm],
+        {
+            "measured: DDP step - no_sync step": [c["measured"] for c in comm.values()],
+            "alpha-beta model: t(S) / step": [c["predicted"] for c in comm.values()],
+        },
+        ylabel="% of a training step",
+        fmt="{:.1f}%",
+        title=f"Communication share of a DDP step, 2 workers, global batch {batch_size}",
+    )

@@ -101,6 +101,7 @@ class SpeedupPanel(Panel):
             "samples_per_s": measure.spread(rates).median,
             "baseline_samples_per_s": measure.spread(baseline).median,
             **speedup.as_dict("speedup"),
+            "speedup_rounds": speedup.samples,  # every round's speedup, for cu.readout.ratio
             "efficiency": speedup.median / nproc,
             "oversubscribed": nproc > self._devices(),
             "label": f"{model}, batch {batch_size}",
