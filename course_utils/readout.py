@@ -14,7 +14,8 @@ the verbs are written (and tested) once:
 
 The noise rule (:func:`verdict`): with two or more repeats, a measurement is *clearly* above a
 reference only when every repeat is above it (its lowest repeat is), clearly below only when every
-repeat is below; otherwise it is *within the noise*. Two spreads measured apart (not in turns) are
+repeat is below (and the median is more than :data:`MIN_EFFECT` away: three repeats of equal
+things all land on one side a quarter of the time); otherwise it is *within the noise*. Two spreads measured apart (not in turns) are
 clearly different only when their ranges do not overlap. A single repeat has no spread to judge
 by: it counts as clearly different only beyond :data:`ONE_SAMPLE_MARGIN`, and the line says it
 was one run. The rule is conservative on purpose: a course that says "clearly" must be right.
@@ -33,6 +34,7 @@ from course_utils.measure import Spread, Watch, spread
 
 __all__ = [
     "ONE_SAMPLE_MARGIN",
+    "MIN_EFFECT",
     "Reading",
     "verdict",
     "differ",
@@ -49,6 +51,7 @@ __all__ = [
 ]
 
 ONE_SAMPLE_MARGIN = 0.10  # one run alone: "clearly" only when more than 10% away from the reference
+MIN_EFFECT = 0.02  # and never for a median within 2% of it: a laptop can't resolve that much
 
 ABOVE, BELOW, WITHIN = "above", "below", "within"
 
@@ -98,7 +101,8 @@ def span(s: Spread | float | Iterable[float], unit: str = "") -> str:
 
 def verdict(s: Spread | float | Iterable[float], reference: float) -> str:
     """The noise rule against a fixed reference: "above" when every repeat is above it, "below"
-    when every repeat is below, else "within". One repeat: beyond ``ONE_SAMPLE_MARGIN``."""
+    when every repeat is below, else "within"; a median within ``MIN_EFFECT`` of the reference
+    is always "within". One repeat: beyond ``ONE_SAMPLE_MARGIN``."""
     s = _as_spread(s)
     if len(s.samples) == 1:
         x = s.median
@@ -107,9 +111,9 @@ def verdict(s: Spread | float | Iterable[float], reference: float) -> str:
         if x < reference * (1 - ONE_SAMPLE_MARGIN):
             return BELOW
         return WITHIN
-    if s.low > reference:
+    if s.low > reference and s.median > reference * (1 + MIN_EFFECT):
         return ABOVE
-    if s.high < reference:
+    if s.high < reference and s.median < reference * (1 - MIN_EFFECT):
         return BELOW
     return WITHIN
 

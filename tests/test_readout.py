@@ -112,3 +112,10 @@ def test_a_spread_below_zero_reads_with_to():
 
 def test_a_table_without_rows_is_its_header():
     assert str(readout.table(["a", "bb"], [])) == "a  bb"
+
+
+def test_a_median_within_two_percent_is_never_clearly_different():
+    # all three repeats above 1, but by a hair: equal things do that a quarter of the time
+    assert readout.verdict([1.005, 1.01, 1.18], 1.0) == "within"
+    assert readout.verdict([0.85, 0.99, 0.995], 1.0) == "within"
+    assert readout.verdict([1.03, 1.05, 1.2], 1.0) == "above"
