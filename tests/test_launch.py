@@ -114,6 +114,21 @@ def test_spawned_workers_run_importable_functions_and_notebook_ones_by_value(mon
         launch.run(defined_here, 2, 5, start_method="teleport")
 
 
+def apply_to_rank(fn):
+    """A package-level function that calls what it is given (as cu.overlap.profile_steps does)."""
+    return fn(dist.get_rank())
+
+
+def test_a_notebook_function_passed_as_an_argument_travels_by_value_to_spawned_workers():
+    scale = 3  # a global of "the notebook"
+
+    def from_the_notebook(rank):  # an argument, not the work: a spawned worker can't import it
+        return rank * scale
+
+    results = launch.run(apply_to_rank, 2, from_the_notebook, start_method="spawn", timeout=120)
+    assert results == [0, 3]
+
+
 def ddp_step():
     model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(8, 2))
     model(torch.randn(4, 8)).sum().backward()

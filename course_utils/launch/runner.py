@@ -210,7 +210,9 @@ def run(
                     "thread pool does not survive fork). Move it into a .py module to give each "
                     "worker more threads.",
                 )
-    by_value = method == "spawn" and not _importable(fn)  # a notebook's function: cloudpickle
+    # a notebook's function, as the work or among its arguments: sent by value (cloudpickle)
+    sent = (fn, *args, *kwargs.values())
+    by_value = method == "spawn" and any(callable(f) and not _importable(f) for f in sent)
     work = (fn, args, kwargs)
     package = _by_value(work) if by_value else None
     ctx = mp.get_context(method)
