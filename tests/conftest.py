@@ -45,3 +45,23 @@ def _close_figures():
     yield
     if "matplotlib.pyplot" in sys.modules:
         sys.modules["matplotlib.pyplot"].close("all")
+
+
+def notebook_functions(notebook: Path, names, namespace: dict) -> dict:
+    """The functions ``names`` as a lesson's code cells define them, executed alone in
+    ``namespace`` (the rest of each cell measures things, which a test must not): by name."""
+    import ast
+    import json
+
+    wanted = set(names)
+    for cell in json.loads(notebook.read_text())["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        source = "".join(cell["source"])
+        if not any(f"def {name}(" in source for name in wanted):
+            continue
+        defs = [n for n in ast.parse(source).body if getattr(n, "name", None) in wanted]
+        exec(compile(ast.Module(body=defs, type_ignores=[]), str(notebook), "exec"), namespace)
+    missing = wanted - set(namespace)
+    assert not missing, f"{notebook.name} no longer defines {sorted(missing)}"
+    return {name: namespace[name] for name in names}

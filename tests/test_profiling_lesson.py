@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import notebook_functions
 
 import course_utils as cu
 from course_utils import debugging, overlap, profiling
@@ -141,22 +142,8 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "10_profiling.ipy
 
 
 def lesson_functions(*names: str) -> dict:
-    """The notebook's code cells that define ``names``, executed: their functions, by name."""
-    cells = json.loads(NOTEBOOK.read_text())["cells"]
-    namespace = {"cu": cu}
-    for name in names:
-        (source,) = [
-            "".join(c["source"])
-            for c in cells
-            if c["cell_type"] == "code" and f"def {name}(" in "".join(c["source"])
-        ]
-        start = source.index(f"def {name}(")  # the function, up to the next top-level statement
-        end = next(
-            (i for i in range(start + 1, len(source)) if source[i - 1] == "\n" and source[i] > " "),
-            len(source),
-        )
-        exec(source[start:end], namespace)
-    return {name: namespace[name] for name in names}
+    """The notebook's definitions of ``names``, executed: their functions, by name."""
+    return notebook_functions(NOTEBOOK, names, {"cu": cu})
 
 
 def random_trace(seed: int) -> list[dict]:

@@ -2,7 +2,6 @@
 and each rank holds, against the formula), its hand-written ZeRO-1 against the package's, and
 ``sharding.probes``, which measures what the lesson reads against the formulas."""
 
-import json
 import math
 from functools import partial
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from conftest import notebook_functions
 
 import course_utils as cu
 from course_utils import sharding
@@ -105,22 +105,8 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "08_sharding.ipyn
 
 
 def lesson_functions(*names: str) -> dict:
-    """The notebook's code cells that define ``names``, executed: their functions, by name."""
-    cells = json.loads(NOTEBOOK.read_text())["cells"]
-    namespace = {"math": math, "torch": torch, "dist": dist, "F": F}
-    for name in names:
-        (source,) = [
-            "".join(c["source"])
-            for c in cells
-            if c["cell_type"] == "code" and f"def {name}(" in "".join(c["source"])
-        ]
-        start = source.index(f"def {name}(")  # the function, up to the next top-level statement
-        end = next(
-            (i for i in range(start + 1, len(source)) if source[i - 1] == "\n" and source[i] > " "),
-            len(source),
-        )
-        exec(source[start:end], namespace)
-    return {name: namespace[name] for name in names}
+    """The notebook's definitions of ``names``, executed: their functions, by name."""
+    return notebook_functions(NOTEBOOK, names, {"math": math, "torch": torch, "dist": dist, "F": F})
 
 
 def test_the_lessons_shard_and_padding_are_the_packages():
