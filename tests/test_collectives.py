@@ -1,14 +1,13 @@
 """The ring all-reduce against dist.all_reduce; the ring's schedule; the alpha-beta fit; the probe."""
 
-import ast
 import inspect
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import notebook_functions
 
 from course_utils import collectives, launch
 
@@ -225,15 +224,8 @@ LESSON = Path(__file__).resolve().parents[1] / "notebooks" / "04_communication.i
 
 def lesson_functions() -> dict:
     """The lesson's ``ring_all_reduce`` and ``ring_bytes_sent``, from its cells, executed alone."""
-    namespace = {"torch": torch, "dist": dist}
-    wanted = {"ring_all_reduce", "ring_bytes_sent"}
-    for cell in json.loads(LESSON.read_text())["cells"]:
-        if cell["cell_type"] == "code":
-            tree = ast.parse("".join(cell["source"]))
-            defs = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in wanted]
-            exec(compile(ast.Module(body=defs, type_ignores=[]), str(LESSON), "exec"), namespace)
-    assert wanted <= set(namespace), f"lesson 04 no longer defines {wanted - set(namespace)}"
-    return namespace
+    wanted = ("ring_all_reduce", "ring_bytes_sent")
+    return notebook_functions(LESSON, wanted, {"torch": torch, "dist": dist})
 
 
 def test_the_lessons_functions_have_the_packages_signatures():

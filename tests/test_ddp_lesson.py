@@ -216,18 +216,6 @@ def test_large_batch_plot_draws_a_line_per_recipe_and_marks_divergence():
     plt.close(fig)
 
 
-def lesson_cell(defines: str) -> str:
-    """The source of lesson 05's code cell that defines ``defines``."""
-    import json
-
-    from conftest import ROOT
-
-    notebook = json.loads((ROOT / "notebooks" / "05_data_parallel.ipynb").read_text())
-    sources = ["".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code"]
-    (source,) = [s for s in sources if f"def {defines}(" in s]
-    return source
-
-
 def test_the_lessons_average_gradients_is_the_packages():
     # Rule 5 of issue 22: the lesson writes average_gradients by hand with the package's name and
     # signature, and both give the same gradients (bit for bit: the same sums in the same order).
@@ -236,10 +224,12 @@ def test_the_lessons_average_gradients_is_the_packages():
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
+    from conftest import ROOT, notebook_functions
 
     namespace = {"cu": cu, "dist": dist, "torch": torch, "F": F}
-    exec(lesson_cell("average_gradients"), namespace)  # defines only: nothing runs
-    lesson = namespace["average_gradients"]
+    lesson = notebook_functions(
+        ROOT / "notebooks" / "05_data_parallel.ipynb", ["average_gradients"], namespace
+    )["average_gradients"]
 
     def parameters(fn):  # names, kinds and defaults (the lesson writes no type hints)
         return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]

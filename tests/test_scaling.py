@@ -1,12 +1,11 @@
 """Lesson 03: Amdahl's and Gustafson's laws, the Karp-Flatt metric, their panel and figures."""
 
-import ast
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import notebook_functions
 
 import course_utils as cu
 from course_utils import scaling
@@ -227,20 +226,8 @@ LESSON_FUNCTIONS = ("amdahl", "gustafson", "serial_fraction_from_speedup", "karp
 
 
 def lesson_functions() -> dict:
-    """The lesson's own definitions of LESSON_FUNCTIONS, taken from its cells and executed alone
-    (the rest of each cell measures things, which a test must not)."""
-    namespace = {"math": math, "cu": cu}
-    for cell in json.loads(LESSON.read_text())["cells"]:
-        if cell["cell_type"] != "code":
-            continue
-        tree = ast.parse("".join(cell["source"]))
-        defs = [
-            n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in LESSON_FUNCTIONS
-        ]
-        exec(compile(ast.Module(body=defs, type_ignores=[]), str(LESSON), "exec"), namespace)
-    missing = set(LESSON_FUNCTIONS) - set(namespace)
-    assert not missing, f"lesson 03 no longer defines {sorted(missing)}"
-    return namespace
+    """The lesson's own definitions of LESSON_FUNCTIONS, executed alone."""
+    return notebook_functions(LESSON, LESSON_FUNCTIONS, {"math": math, "cu": cu})
 
 
 @pytest.mark.parametrize("p", [0.0, 0.25, 0.5, 0.9, 0.95, 0.99])
