@@ -12,15 +12,31 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import stat
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from course_utils import checkpoint, data, hardware, loop, models, tensor_parallel
+import torch
+
+from course_utils import checkpoint, data, hardware, loop, models, profiling, tensor_parallel
 from course_utils.launch.runner import MAX_WORKERS_PER_CORE
 from course_utils.pipeline import worker as pipeline_worker
 
 MAX_SEED = 2**31 - 1  # seeds index torch generators (with room for the epoch number)
+# The learning rate is applied in the parameters' dtype (every model is float32). Below float32's
+# smallest normal number the rate is subnormal (fewer than 24 significant bits; 1e-46 is 0): not
+# the rate asked for, and with gradients of the course's size (|g| <= ~1) each step is below half
+# an ulp of any weight larger than 2**-126 * 2**24 ~ 2e-31, so no weight ever moves. Higher
+# rates can still move some weights (Adam's first step is lr itself): where they stop mattering
+# depends on the model, so the line is drawn where it holds for every model. Above float32's
+# largest number the rate is infinite.
+LR_DTYPE = torch.finfo(torch.float32)
+# A --json file is written through a temporary file beside it, ".NAME.PID." + tempfile's 8
+# random characters + ".tmp" (course_utils.files): at most 22 bytes more than the name (a PID
+# has up to 7 digits); 32 leaves room to spare.
+TEMPORARY_NAME_ROOM = 32
+PATH_FIELDS = ("json", "checkpoint", "profile", "data_dir")  # the fields that name a path
 
 
 @dataclass
@@ -48,6 +64,13 @@ class RunConfig:
     profile: str | None = None  # folder for one torch.profiler trace per rank
     data_dir: str | None = None  # folder with the full MNIST (default: the bundled subset)
     oversubscribe: bool = False  # allow more than 4 workers per core (MAX_WORKERS_PER_CORE)
+
+    def __post_init__(self) -> None:
+        # "~" expanded once, here: the checks before the run and the writes after it use one path
+        for name in PATH_FIELDS:
+            value = getattr(self, name)
+            if value:
+                setattr(self, name, os.path.expanduser(value))
 
     @property
     def threads_per_worker(self) -> int:
@@ -123,26 +146,47 @@ def parse(argv: list[str] | None = None, world_size: int | None = None) -> RunCo
 
 
 def validate(cfg: RunConfig, local_workers: int | None = None) -> None:
-    """Raise :class:`UsageError` for input that can't work, before any worker starts.
-    ``local_workers``: workers on this machine, when they are not all of them (torchrun)."""
+    """Raise :class:`UsageError` for input that can't work, before any worker starts: everything
+    the run reads (the training split, and the test split with ``--eval``) is read here, and every
+    path it writes at its end is checked here. ``local_workers``: workers on this machine, when
+    they are not all of them (torchrun)."""
     try:
         num_train = len(data.load("train", data_dir=cfg.data_dir)[1])
+        if cfg.eval:  # read only after training otherwise: a bad file would lose the run
+            data.load("test", data_dir=cfg.data_dir)
     except data.DataError as err:
         raise UsageError(str(err)) from None
     cores = hardware.num_cores()
+    most = MAX_WORKERS_PER_CORE * cores
+    local = cfg.nproc if local_workers is None else local_workers
     checks = [
         (cfg.nproc >= 1, f"--nproc must be at least 1, got {cfg.nproc}"),
         (
-            cfg.oversubscribe or cfg.nproc <= MAX_WORKERS_PER_CORE * cores,
-            f"--nproc {cfg.nproc} is far more workers than this machine's {cores} cores (at "
-            f"most {MAX_WORKERS_PER_CORE * cores}); add --oversubscribe to run them anyway",
+            cfg.oversubscribe or local <= most,
+            f"--nproc {local} is far more workers than this machine's {cores} cores (at "
+            f"most {most}); add --oversubscribe to run them anyway",
         ),
         (cfg.steps >= 1, f"--steps must be at least 1, got {cfg.steps}"),
         (math.isfinite(cfg.lr) and cfg.lr > 0, f"--lr must be a positive number, got {cfg.lr}"),
+        (
+            not 0 < cfg.lr < LR_DTYPE.tiny,
+            f"--lr {cfg.lr} vanishes in float32, the parameters' dtype (its normal numbers start "
+            f"at {LR_DTYPE.tiny:.3g}): the weights would never move",
+        ),
+        (
+            not LR_DTYPE.max < cfg.lr < math.inf,
+            f"--lr {cfg.lr} is infinite in float32, the parameters' dtype (at most "
+            f"{LR_DTYPE.max:.3g})",
+        ),
         (0 <= cfg.seed <= MAX_SEED, f"--seed must be in 0..{MAX_SEED}, got {cfg.seed}"),
         (
             cfg.threads is None or cfg.threads >= 1,
             f"--threads must be at least 1, got {cfg.threads}",
+        ),
+        (
+            cfg.oversubscribe or cfg.threads is None or local * cfg.threads <= most,
+            f"--threads {cfg.threads} x {local} worker(s) is far more threads than this "
+            f"machine's {cores} cores (at most {most}); add --oversubscribe to run them anyway",
         ),
         (
             1 <= cfg.batch_size <= num_train,
@@ -172,16 +216,21 @@ def validate(cfg: RunConfig, local_workers: int | None = None) -> None:
         error = tensor_parallel.config_error(cfg.model, tp_size, cfg.nproc)
         if error:
             raise UsageError(error)
-    _check_device(cfg.device, cfg.nproc if local_workers is None else local_workers)
+    _check_device(cfg.device, local)
     if cfg.parallel == "pipeline":
         error = pipeline_worker.config_error(
             cfg.model, cfg.nproc, cfg.batch_size, cfg.microbatches, cfg.schedule
         )
         if error:
             raise UsageError(error)
-    _check_writable("--json", cfg.json, folder=False)
-    _check_writable("--checkpoint", cfg.checkpoint, folder=True)
-    _check_writable("--profile", cfg.profile, folder=True)
+    _check_output("--json", cfg.json, folder=False)
+    _check_output("--checkpoint", cfg.checkpoint, folder=True)
+    _check_output("--profile", cfg.profile, folder=True)
+    for rank in range(cfg.nproc) if cfg.profile and os.path.isdir(cfg.profile) else ():
+        trace = profiling.trace_path(cfg.profile, rank)  # the profiler opens it and writes
+        kind = _kind(trace, follow=False) if os.path.lexists(trace) else "a file"
+        if kind != "a file":
+            raise UsageError(f"--profile {cfg.profile}: {trace.name} is {kind}, not a file")
     try:
         checkpoint.check(cfg.checkpoint, cfg.record())
     except checkpoint.CheckpointError as err:
@@ -200,24 +249,86 @@ def _check_device(device: str, local_workers: int) -> None:
             )
 
 
-def _check_writable(flag: str, path: str | None, folder: bool) -> None:
-    """Refuse an output path the run could not write at its end: the results would be lost.
-    The check writes and removes one empty file in the nearest existing folder."""
+def _check_output(flag: str, path: str | None, folder: bool) -> None:
+    """Refuse an output path the run could not write at its end (the results would be lost), by
+    the rule the writer enforces: a file is written only over a regular file or where nothing is,
+    never through a symbolic link, into a device or a FIFO; a folder is an existing one (a link to
+    one will do) or a new one. Nothing on the way may be a broken link or a file, and every name
+    to create must fit the file system. Only metadata is read (a FIFO is never opened); one empty
+    file is written and removed in the nearest existing folder."""
     if path is None:
         return
-    target = Path(path).expanduser()
-    if folder and target.exists() and not target.is_dir():
-        raise UsageError(f"{flag} {path} is a file; it must be a folder (or not exist yet)")
-    if not folder and target.is_dir():
-        raise UsageError(f"{flag} {path} is a folder; give a file name")
-    existing = target if folder and target.is_dir() else target.parent
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UsageError(f"{flag} {path}: {existing} is a file, not a folder")
+    if not path:
+        raise UsageError(f"{flag} needs a {'folder' if folder else 'file'} name, got ''")
+    target = Path(path)
+    existing, missing = _existing_part(flag, target)
+    if not missing:  # the target is there: is it what the run can write?
+        kind = _kind(target, follow=folder)
+        if folder and kind != "a folder":
+            raise UsageError(f"{flag} {path} is {kind}; it must be a folder (or not exist yet)")
+        if not folder and kind == "a folder":
+            raise UsageError(f"{flag} {path} is a folder; give a file name")
+        if not folder and kind != "a file":
+            link = f" (to {os.readlink(target)})" if kind == "a symbolic link" else ""
+            raise UsageError(
+                f"{flag} {path} is {kind}{link}; results are written to a regular file (or a new "
+                "one), never through a link or into a device"
+            )
+        existing = target if folder else target.parent
+    try:
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):  # a file system that does not say: POSIX's usual 255
+        name_max = 255
+    room = 0 if folder else TEMPORARY_NAME_ROOM  # the temporary file beside a --json
+    for name, extra in [*((name, 0) for name in missing[:-1]), (target.name, room)]:
+        size = len(os.fsencode(name))
+        if size + extra > name_max:
+            beside = f", and {extra} more for the temporary file beside it" if extra else ""
+            raise UsageError(
+                f"{flag} {path}: the name {name[:16]}... is too long ({size} bytes{beside}; "
+                f"a name in {existing} has at most {name_max})"
+            )
     try:
         fd, probe = tempfile.mkstemp(dir=existing, prefix=".course-write-check-")
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
         raise UsageError(f"{flag} {path}: can't write in {existing} ({err.strerror})") from None
+
+
+def _existing_part(flag: str, path: Path) -> tuple[Path, list[str]]:
+    """The longest leading part of ``path`` that exists, and the names after it, which the run
+    will create. Refuses a broken symbolic link and a file where a folder must be."""
+    here = Path(path.anchor or ".")
+    names = path.parts[1:] if path.anchor else path.parts
+    for i, name in enumerate(names):
+        step = here / name
+        try:
+            os.lstat(step)
+        except FileNotFoundError:
+            return here, list(names[i:])
+        except NotADirectoryError:
+            raise UsageError(f"{flag} {path}: {here} is {_kind(here)}, not a folder") from None
+        except OSError as err:  # a folder that can't be searched, a name too long
+            raise UsageError(f"{flag} {path}: {step}: {err.strerror}") from None
+        if os.path.islink(step) and not os.path.exists(step):  # exists() follows the link
+            where = "" if step == path else f": {step}"
+            raise UsageError(
+                f"{flag} {path}{where} is a broken symbolic link (to {os.readlink(step)})"
+            )
+        here = step
+    return here, []
+
+
+def _kind(path: Path, follow: bool = True) -> str:
+    """What ``path`` is, in words: "a file", "a folder", "a FIFO"..."""
+    mode = os.stat(path).st_mode if follow else os.lstat(path).st_mode
+    kinds = (
+        (stat.S_ISREG, "a file"),
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    )
+    return next((name for test, name in kinds if test(mode)), "a socket")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import zlib
 from functools import lru_cache
@@ -69,9 +70,17 @@ def verify(path: Path = SUBSET_PATH, expected: str = SUBSET_SHA256) -> Path:
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read one IDX file (the format of the original MNIST files), gzipped or not."""
+    """Read one IDX file (the format of the original MNIST files), gzipped or not. Anything else
+    is a :class:`DataError`: the header's sizes are checked against the bytes the file holds
+    before an array is made of them."""
     path = Path(path)
-    raw = path.read_bytes()
+    if not os.path.isfile(path):  # follows links; a FIFO would wait for a writer, /dev/zero not end
+        what = "a broken symbolic link" if os.path.islink(path) else "not a regular file"
+        raise DataError(f"{path.name} in {path.parent} is {what}")
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path.name} in {path.parent} can't be read ({err.strerror})") from None
     if raw[:2] == b"\x1f\x8b":  # gzip's magic number, whatever the file is called
         try:
             raw = gzip.decompress(raw)
@@ -80,17 +89,24 @@ def read_idx(path: Path) -> np.ndarray:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DataError(f"{path.name} is not an IDX file (bad magic number)")
     dtype, ndim = np.dtype(_IDX_DTYPES[raw[2]]), raw[3]
+    offset = 4 + 4 * ndim  # the magic number, then one 4-byte size per dimension
+    if len(raw) < offset:
+        raise DataError(f"{path.name}: its header of {ndim} sizes is cut short")
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    offset = 4 + 4 * ndim
-    expected = int(np.prod(shape)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # Python integers: huge sizes can't overflow
     if len(raw) - offset != expected:
-        raise DataError(f"{path.name}: header says {shape} but the file holds a different size")
+        raise DataError(
+            f"{path.name}: header says {shape} ({expected} bytes) but the file holds "
+            f"{len(raw) - offset} bytes of values"
+        )
     return np.frombuffer(raw, dtype=dtype, offset=offset).reshape(shape)
 
 
 def _find(name: str, folder: Path) -> Path | None:
+    """The file ``name`` or ``name.gz`` in ``folder``; whatever is there under that name, so that
+    :func:`read_idx` can say what is wrong with it (a broken link, a FIFO)."""
     for candidate in (folder / name, folder / f"{name}.gz"):
-        if candidate.is_file():
+        if os.path.lexists(candidate):
             return candidate
     return None
 
@@ -155,6 +171,8 @@ def load(
     named = bool(data_dir or os.environ.get(DATA_DIR_VARIABLE))
     missing = missing_files(folder) if source != "subset" else []
     if source == "full" or (source == "auto" and (named or len(missing) < 4)):
+        if not os.path.isdir(folder):
+            raise DataError(f"full MNIST not found: {folder} {_not_a_folder(folder)}")
         if missing:
             what = "full MNIST not found" if len(missing) == 4 else "full MNIST incomplete"
             raise DataError(
@@ -165,6 +183,12 @@ def load(
         arrays = _load_subset(SUBSET_PATH)
         images, labels = arrays[f"x_{split}"], arrays[f"y_{split}"]
     return images, labels.astype(np.int64)
+
+
+def _not_a_folder(path: Path) -> str:
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"is a broken symbolic link (to {os.readlink(path)})"
+    return "is not a folder" if os.path.lexists(path) else "does not exist"
 
 
 def normalize(images: np.ndarray | torch.Tensor) -> torch.Tensor:

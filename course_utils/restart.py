@@ -22,12 +22,13 @@ LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER
 
 
 def torchrun_command(steps: int, every: int, batch_size: int, workdir: str | Path) -> list[str]:
-    """``torchrun --standalone --nproc-per-node 2 --max-restarts 1 -m course_utils.train ...``
+    """``torchrun --nproc-per-node 2 --max-restarts 1 -m course_utils.train ...`` on this machine
+    only (:data:`course_utils.launch.TORCHRUN_ON_ONE_MACHINE`: nothing listens on the network),
     with a checkpoint every ``every`` steps and the run's JSON written in ``workdir``."""
     torchrun = str(Path(sys.executable).parent / "torchrun")  # installed with torch
     workdir = Path(workdir)
     return [
-        torchrun, "--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
+        torchrun, *launch.TORCHRUN_ON_ONE_MACHINE, "--nproc-per-node", "2", "--max-restarts", "1",
         "-m", "course_utils.train", "--model", "cnn", "--parallel", "ddp",
         "--steps", str(steps), "--batch-size", str(batch_size),
         "--checkpoint", str(workdir / "checkpoint"), "--checkpoint-every", str(every),
@@ -45,7 +46,7 @@ def kill_one_worker(
     workdir = Path(workdir)
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
     # restarted gloo workers need a fresh store: the first round's keys point at dead workers
-    env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    env.update(launch.TORCHRUN_ENV)
     command = torchrun_command(steps, every, batch_size, workdir)
     started = time.monotonic()
     agent = subprocess.Popen(

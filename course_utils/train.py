@@ -1,26 +1,25 @@
 """The course's training entry point (contract in DESIGN.md and the README), one run top to bottom.
 
-    python -m course_utils.train --model cnn --parallel none --steps 50 --json out.json
     python -m course_utils.train --model rnn --steps 200 --eval
     python -m course_utils.train --model cnn --parallel ddp --nproc 2 --json out.json
-    torchrun --nproc-per-node 2 -m course_utils.train --model cnn --parallel ddp
 
 The path of a run: :func:`main` parses and validates (:mod:`course_utils.config`), :func:`run`
 starts ``--nproc`` workers (:func:`course_utils.launch.run`; ``--parallel none`` trains in this
 process), and every worker runs :func:`train_worker`: this rank's part in the strategy
 (:func:`role`), resume from a checkpoint, :func:`course_utils.loop.fit`, the results. Under
-``torchrun`` each process is already one worker: :func:`under_torchrun`.
+``torchrun`` (commands in docs/command_line.md) each process is already one worker:
+:func:`under_torchrun`.
 """
 
 from __future__ import annotations
 
-import json
+import importlib
 import os
 import sys
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -31,6 +30,7 @@ from course_utils import (
     collectives,
     data,
     ddp,
+    files,
     launch,
     loop,
     models,
@@ -42,6 +42,8 @@ from course_utils.config import RunConfig, UsageError, parse, validate
 from course_utils.pipeline import worker as pipeline_worker
 
 SYNC_EVERY = 16  # steps between the sums of the workers' metrics (without --checkpoint-every)
+# Failures one line explains (exit 1): a diverging loss, a changed checkpoint, a full disk
+FAILURES = (loop.NonFiniteLoss, checkpoint.CheckpointError, checkpoint.SaveError, files.WriteError)
 
 
 def role(cfg: RunConfig, me: launch.Worker) -> tuple[loop.Role, Callable[[], nn.Module | None]]:
@@ -82,29 +84,31 @@ def role(cfg: RunConfig, me: launch.Worker) -> tuple[loop.Role, Callable[[], nn.
     return part, lambda: model
 
 
-def train_worker(cfg: RunConfig, progress: bool = False, announce: bool = False) -> dict | None:
+def train_worker(
+    cfg: RunConfig, progress: bool = False, announce: bool = False, resume: tuple | None = None
+) -> dict | None:
     """One worker's run (the only one with ``--parallel none``); the main rank returns the
     results of the contract (less ``wall_s``), the other ranks None. ``announce``: say on stderr
-    when a checkpoint is saved (the command line does; a notebook's output stays quiet)."""
+    when a checkpoint is saved (the command line does; a notebook's output stays quiet).
+    ``resume``: ``(name, sha256)`` of what the caller verified (:func:`_reserve`), or None."""
     me = launch.worker(cfg.device)
     torch.set_num_threads(cfg.threads_per_worker)
     part, trained = role(cfg, me)
-    X, y = data.mnist("train", data_dir=cfg.data_dir)
-    X = models.prepare_input(cfg.model, X)
+    images, labels = data.load("train", data_dir=cfg.data_dir)
+    X, y = models.prepare_input(cfg.model, data.normalize(images)), torch.as_tensor(labels)
 
-    # Resume from the newest good checkpoint (validate() has checked that it is this run's).
-    state, skipped = checkpoint.latest(cfg.checkpoint)
+    # Resume from the checkpoint the caller verified, and no other (read and verified again).
+    state = checkpoint.load(cfg.checkpoint, resume) if resume else None
     if state:
         checkpoint.load_into(part, state)  # this rank's share: the model, or a stage's slices
-    for line in skipped if part.is_main else []:
-        print(f"checkpoint: {line}; resuming from the one before", file=sys.stderr, flush=True)
     start_step = state["step"] if state else 0
+    record = checkpoint.record(cfg.record(), images, labels) if cfg.checkpoint else None
     before = loop.History(batch_size=cfg.batch_size)
     if state:  # continue the stopped run's history, so that the results hold every step
         before.losses, before.accuracies = list(state["losses"]), list(state["accuracies"])
 
     recorder = None
-    if cfg.profile:  # a few steps of every rank into a trace (course_utils.profiling)
+    if cfg.profile and start_step < cfg.steps:  # a few steps of each rank (profiling)
         recorder = profiling.Recorder(cfg.profile, me.rank, cfg.steps - start_step).__enter__()
 
     def on_step(i: int, run: loop.History) -> None:
@@ -113,7 +117,7 @@ def train_worker(cfg: RunConfig, progress: bool = False, announce: bool = False)
         done, every = start_step + i + 1, cfg.checkpoint_every
         if cfg.checkpoint and (done == cfg.steps or (every and done % every == 0)):
             # every rank takes part (a pipeline's stages are gathered); the main rank writes
-            path = checkpoint.save(cfg.checkpoint, part, done, before + run, cfg.record())
+            path = checkpoint.save(cfg.checkpoint, part, done, before + run, record)
             if path is not None and announce:
                 print(f"checkpoint: step {done} saved to {path}", file=sys.stderr, flush=True)
 
@@ -165,7 +169,8 @@ def train_worker(cfg: RunConfig, progress: bool = False, announce: bool = False)
     result = {
         "losses": history.losses,
         "accuracies": history.accuracies,
-        "samples_per_s": run.samples_per_s,  # this run's steps only, start-up excluded
+        # this run's steps only, start-up excluded; None when the checkpoint had done them all
+        "samples_per_s": run.samples_per_s if start_step < cfg.steps else None,
         "resumed_from_step": start_step,
         "backend": dist.get_backend() if dist.is_initialized() else "none",
         "device": str(me.device),
@@ -192,34 +197,47 @@ def run(
     rank 0's results come back. ``wall_s`` covers everything, start-up included."""
     start = time.perf_counter()
     validate(cfg)
-    if cfg.parallel == "none":
-        with loop.num_threads(cfg.threads_per_worker):
-            result = train_worker(cfg, progress, announce)
-    else:
-        # Under ``python -m`` this module is __main__, which a spawned worker can't import:
-        # hand the launcher the importable copy's train_worker (else workers fork, 1 thread).
-        importable = sys.modules[__name__] if __name__ != "__main__" else _importable_self()
-        per_rank = launch.run(
-            importable.train_worker,
-            cfg.nproc,
-            cfg,
-            progress,
-            announce,
-            threads=cfg.threads_per_worker,
-            timeout=timeout,
-            device=cfg.device,
-            oversubscribe=cfg.oversubscribe,
-        )
-        result = per_rank[0]
+    with ExitStack() as held:  # the checkpoint folder, for the whole run
+        resume = _reserve(cfg, held)
+        if cfg.parallel == "none":
+            with loop.num_threads(cfg.threads_per_worker):
+                result = train_worker(cfg, progress, announce, resume)
+        else:
+            # Under ``python -m`` this module is __main__, which a spawned worker can't import:
+            # hand the launcher the importable copy's train_worker (else workers fork, 1 thread).
+            importable = importlib.import_module("course_utils.train")
+            per_rank = launch.run(
+                importable.train_worker,
+                cfg.nproc,
+                cfg,
+                progress,
+                announce,
+                resume,
+                threads=cfg.threads_per_worker,
+                timeout=timeout,
+                device=cfg.device,
+                oversubscribe=cfg.oversubscribe,
+            )
+            result = per_rank[0]
     result = _complete(cfg, result)
     result["wall_s"] = time.perf_counter() - start
     return result
 
 
-def _importable_self():
-    import importlib
-
-    return importlib.import_module("course_utils.train")
+def _reserve(cfg: RunConfig, held: ExitStack) -> tuple[str, str] | None:
+    """Take the checkpoint folder for the run (its lock, until ``held`` closes) and return the
+    checkpoint to resume, verified under the lock (:func:`checkpoint.reserved`), or None. A
+    refusal (another run holds the folder, a checkpoint of another run) is a UsageError."""
+    if cfg.checkpoint is None:
+        return None
+    try:
+        record = checkpoint.record(cfg.record(), *data.load("train", data_dir=cfg.data_dir))
+        resume, notes = held.enter_context(checkpoint.reserved(cfg.checkpoint, record))
+    except checkpoint.CheckpointError as err:
+        raise UsageError(str(err)) from None
+    for line in notes:
+        print(f"checkpoint: {line}", file=sys.stderr, flush=True)
+    return resume
 
 
 def _complete(cfg: RunConfig, result: dict) -> dict:
@@ -230,15 +248,18 @@ def _complete(cfg: RunConfig, result: dict) -> dict:
 
 def under_torchrun(cfg: RunConfig) -> int:
     """Run as one worker of a ``torchrun`` job: ranks and rendezvous come from the environment
-    (env://); rank 0 prints and writes the JSON. Leaves through ``exit_cleanly``."""
+    (env://); rank 0 prints and writes the JSON, and holds the checkpoint folder for the job (the
+    other ranks, on every node, load what it verified). Leaves through ``exit_cleanly``."""
     start = time.perf_counter()
     me = launch.worker(cfg.device)
     cfg.nproc = me.world_size  # torchrun decides the number of workers
     code = 0
     try:
         validate(cfg, local_workers=int(os.environ.get("LOCAL_WORLD_SIZE", me.world_size)))
-        with launch.process_group(cfg.device):
-            result = train_worker(cfg, me.is_main and sys.stderr.isatty(), announce=True)
+        with ExitStack() as held, launch.process_group(cfg.device):
+            resume = [_reserve(cfg, held) if me.is_main else None]
+            dist.broadcast_object_list(resume, src=0)  # every rank loads what rank 0 verified
+            result = train_worker(cfg, me.is_main and sys.stderr.isatty(), True, resume[0])
         if me.is_main:
             result = _complete(cfg, result)
             result["wall_s"] = time.perf_counter() - start
@@ -246,7 +267,7 @@ def under_torchrun(cfg: RunConfig) -> int:
     except UsageError as err:
         _error(err, me.is_main)
         code = 2
-    except loop.NonFiniteLoss as err:
+    except FAILURES as err:
         _error(err, me.is_main)
         code = 1
     except BaseException:
@@ -272,25 +293,22 @@ def _first_rank() -> bool:
 def report(cfg: RunConfig, result: dict) -> None:
     """One summary line on stdout, and the JSON file when ``--json`` asks for one."""
     summary = f"{cfg.model}: final loss {result['losses'][-1]:.4f}, "
-    summary += f"{result['samples_per_s']:.0f} samples/s"
+    if result["samples_per_s"] is None:
+        summary += f"nothing left to train (the checkpoint was at step {cfg.steps} already)"
+    else:
+        summary += f"{result['samples_per_s']:.0f} samples/s"
     if "test_accuracy" in result:
         summary += f", test accuracy {result['test_accuracy']:.2%}"
     print(summary)
     for rank, s in enumerate(result.get("profile_summary", [])):
         print(f"profile: {profiling.line(rank, s)}")
-    if cfg.profile:
+    if cfg.profile and "profile_summary" in result:
         print(f"profile: traces in {cfg.profile} (open them at https://ui.perfetto.dev)")
     if cfg.json:
         write_json(cfg.json, result)
 
 
-def write_json(path: str, obj: dict) -> None:
-    """Write ``obj`` atomically: a crash never leaves half a file behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, allow_nan=False))  # strict JSON: no NaN, no Infinity
-    os.replace(tmp, path)
+write_json = files.write_json  # strict JSON, atomically, only over a regular file
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -311,18 +329,20 @@ def main(argv: list[str] | None = None) -> int:
         return under_torchrun(cfg)
     try:
         result = run(cfg, progress=sys.stderr.isatty(), announce=True)
+        report(cfg, result)
     except UsageError as err:
         _error(err)
         return 2
-    except loop.NonFiniteLoss as err:  # --parallel none: raised here
+    except FAILURES as err:  # --parallel none: raised here
         _error(err)
         return 1
     except launch.WorkerError as err:
-        if err.kind != "NonFiniteLoss":
+        if not err.late and err.kind not in {f.__name__ for f in FAILURES}:
             raise
-        _error(err.message)  # every rank saw the same loss: one line is the whole story
+        # a timed-out collective: the first line names the rank it waited for; a failure that
+        # every rank saw (the same diverging loss): one line is the whole story
+        _error(str(err).splitlines()[0] if err.late else err.message)
         return 1
-    report(cfg, result)
     return 0
 
 

@@ -17,7 +17,7 @@ MAX_LINES = 350  # "a file past ~300 lines is asking to be split" (STYLE.md)
 LAYERS = [
     {"hardware", "data", "models", "loop", "measure", "readout", "scaling", "interpret"}
     | {"debugging", "single_device"},
-    {"launch", "collectives", "checkpoint", "profiling", "overlap"},
+    {"launch", "collectives", "checkpoint", "files", "profiling", "overlap"},
     {"ddp", "sharding", "pipeline", "tensor_parallel", "tp_timing", "faq", "challenges", "restart"},
     {"config", "train", "large_batch", "scaling_runs"},
     {"plots"},
@@ -70,14 +70,16 @@ ENV_WRITE = re.compile(r"os\.environ\[[^\]]+\]\s*=|os\.environ\.(update|setdefau
 
 def test_settings_travel_as_parameters_not_environment_variables():
     # Read from the environment: COURSE_FAST (CI's fast mode), COURSE_DATA_DIR (a learner's
-    # own full MNIST) and COURSE_START_METHOD (CI's spawn-only run of the lessons). Written: OMP_WAIT_POLICY (OpenMP reads nothing else, and only when torch
-    # loads), and in a launched worker what torchrun would set (RANK, WORLD_SIZE, ...) and gloo's
-    # loopback interface.
+    # own full MNIST), COURSE_START_METHOD and COURSE_SEND_BY_VALUE (CI's runs of the lessons
+    # with spawned workers, and with a notebook's functions sent by value). Written:
+    # OMP_WAIT_POLICY (OpenMP reads nothing else, and only when torch loads), and in a launched
+    # worker what torchrun would set (RANK, WORLD_SIZE, ...) and gloo's loopback interface.
     writers = []
     for path in MODULES:
         text = path.read_text()
         read = set(re.findall(r"COURSE_[A-Z_]+", text))
-        assert read <= {"COURSE_FAST", "COURSE_DATA_DIR", "COURSE_START_METHOD"}, path
+        allowed = {"COURSE_FAST", "COURSE_DATA_DIR", "COURSE_START_METHOD", "COURSE_SEND_BY_VALUE"}
+        assert read <= allowed, path
         if ENV_WRITE.search(text):
             writers.append(str(path.relative_to(PACKAGE)))
     assert writers == ["__init__.py", "launch/worker.py"]  # OpenMP's wait policy; torchrun's

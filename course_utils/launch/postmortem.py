@@ -1,25 +1,58 @@
 """What a worker that failed or got stuck leaves behind, for the launcher's errors
 (:class:`WorkerError`, :class:`LaunchTimeout`): the Python stack of a worker still running at the
 launch's timeout (``faulthandler``, on SIGUSR1: see :func:`course_utils.launch.worker.child_main`),
-and the signal that killed one that died."""
+the signal that killed one that died, and, when a collective timed out, the rank it waited for.
+
+Which rank was late? The one that timed out is the one that *waited*: when a rank is stopped
+(SIGSTOP, Ctrl-Z) or busy elsewhere, every other rank of the collective times out within moments
+of each other, and the late rank says nothing. So after a first timeout :func:`late_ranks` gives the
+others a moment to time out too; those that don't are the late ones, and their state (stopped,
+dead, still running and where) comes with the error.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
+from multiprocessing.connection import wait
+
+from course_utils.launch import processes
+
+LATE_GRACE_S = 2.0  # how long the other ranks of a timed-out collective get to time out as well
+# gloo ("Timed out waiting 3000ms for recv"), the stores ("Wait timeout", "wait timeout after",
+# "Timeout waiting for key") and NCCL's watchdog ("collective operation timeout")
+_TIMEOUT = re.compile(r"timed out|wait timeout|timeout waiting|operation timeout", re.IGNORECASE)
 
 
 class WorkerError(RuntimeError):
     """A worker raised (or died): carries its ``rank``, the ``kind`` of error (the exception's
-    class name), its ``message`` and the worker's own traceback."""
+    class name), its ``message`` and the worker's own traceback; after a timeout, ``late``: the
+    ranks it waited for, each with what it was doing, named in the first line."""
 
-    def __init__(self, rank: int, message: str, worker_traceback: str = "", kind: str = ""):
+    def __init__(
+        self,
+        rank: int,
+        message: str,
+        worker_traceback: str = "",
+        kind: str = "",
+        late: dict[int, str] | None = None,
+        stacks: dict[int, str] | None = None,
+    ):
         self.rank, self.kind, self.message = rank, kind, message
         self.worker_traceback = worker_traceback
-        text = f"worker rank {rank} failed: {f'{kind}: ' if kind else ''}{message}"
+        self.late = late or {}  # rank: what it was doing, for the ranks a timed-out rank waited for
+        self.stacks = stacks or {}  # rank: the Python stack of a late rank that was still running
+        cause = f"{f'{kind}: ' if kind else ''}{message}"
+        text = f"worker rank {rank} failed: {cause}"
+        if self.late:
+            waited = ", ".join(f"rank {r} ({what})" for r, what in self.late.items())
+            text = f"worker rank {rank} timed out waiting for {waited}: {cause}"
         if worker_traceback:
             text += f"\n\n--- traceback of rank {rank} ---\n{worker_traceback}"
+        for r, dump in self.stacks.items():
+            text += f"\n--- rank {r} was here ---\n{main_thread(dump)}"
         super().__init__(text)
 
 
@@ -59,10 +92,52 @@ def main_thread(dump: str) -> str:
 
 
 def died(proc, rank: int) -> WorkerError:
+    return WorkerError(rank, f"process {_how_it_ended(proc)} before sending a result")
+
+
+def _how_it_ended(proc) -> str:
     proc.join(1.0)
     code, how = proc.exitcode, f"exited with code {proc.exitcode}"
     if code is not None and code < 0 and -code in signal.valid_signals():
         how = f"was killed by {signal.Signals(-code).name} (exit code {code})"
         if -code in (signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS):
             how += ": a crash inside C++ (its stderr says more)"
-    return WorkerError(rank, f"process {how} before sending a result")
+    return how
+
+
+def timed_out(message: str) -> bool:
+    """Whether a worker's error says it gave up waiting (a collective, or the store)."""
+    return bool(_TIMEOUT.search(message))
+
+
+def whereabouts(proc) -> str:
+    """What a worker that did not answer was doing: stopped, dead (how), or still running."""
+    state = processes.state(proc.pid) if proc.is_alive() else None
+    if state == "T":
+        return "stopped: SIGSTOP or Ctrl-Z"
+    if state == "t":
+        return "held by a debugger"
+    if state in (None, "Z", "X"):
+        return f"it {_how_it_ended(proc)}"
+    return "still running"
+
+
+def late_ranks(procs: list, pending: dict, until: float, meeting) -> tuple[dict, dict]:
+    """After a rank timed out: wait (until ``until``, at most :data:`LATE_GRACE_S`) for the
+    ``pending`` ranks (reader: rank) to answer; those that don't are the late ones. Returns their
+    :func:`whereabouts` and, for those still running, their stacks (see :func:`stacks`)."""
+    until = min(until, time.monotonic() + LATE_GRACE_S)
+    silent, listening = set(pending.values()), dict(pending)
+    while listening and time.monotonic() < until:
+        for reader in wait(list(listening), timeout=min(0.1, max(0.0, until - time.monotonic()))):
+            rank = listening.pop(reader)
+            try:
+                reader.recv_bytes()  # any answer (it timed out too, or finished): not late
+            except (EOFError, OSError):  # closed without a word: it died, and is late
+                continue
+            silent.discard(rank)
+        if all(processes.state(procs[r].pid) in (None, "T", "t", "Z") for r in silent):
+            break  # stopped or dead: nothing more will come
+    late = {rank: whereabouts(procs[rank]) for rank in sorted(silent)}
+    running = [rank for rank, what in late.items() if what.startswith("still running")]
+    return late, stacks(procs, running, meeting)

@@ -46,6 +46,16 @@ def alive(pid: int) -> bool:
     return fields is not None and fields[0] != "Z"
 
 
+def state(pid: int) -> str | None:
+    """The scheduler's one-letter state of process ``pid`` (``R`` running, ``S`` sleeping, ``T``
+    stopped by a signal, ``t`` held by a debugger, ``Z`` a zombie), or None once it is gone."""
+    if (PROC / "self" / "stat").exists():
+        fields = _stat_fields(pid)
+        return fields[0] if fields else None
+    shown = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True)
+    return shown.stdout.strip()[:1] or None
+
+
 def environ(pid: int) -> dict[str, str]:
     """The environment process ``pid`` started with (Linux; empty where it can't be read)."""
     try:

@@ -9,11 +9,19 @@
 - **Loopback only.** Workers on one machine talk over the loopback interface: gloo binds to the
   interface its ``GLOO_SOCKET_IFNAME`` names, and without it to whatever the host name resolves
   to, which can be an external interface open to the network.
+- **Under torchrun, too.** PyTorch's ``TCPStore`` listens on every interface (``::``) whatever
+  host it is given; only a socket bound beforehand (``master_listen_fd``) keeps it on one address.
+  So for a job on one machine, torchrun meets through a file (:data:`TORCHRUN_ON_ONE_MACHINE`:
+  c10d rendezvous on a private temporary file, no shared store, ``MASTER_ADDR`` 127.0.0.1), and
+  when ``MASTER_ADDR`` is a loopback address the workers' own store (:func:`loopback_store`) and
+  gloo stay on loopback: every rank is on this machine, or it could not reach that address.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import ipaddress
 import os
 import shutil
 import signal
@@ -22,9 +30,18 @@ import tempfile
 import threading
 from pathlib import Path
 
+import torch.distributed as dist
+
 from course_utils.launch.processes import alive
 
 PREFIX = "course-launch-"
+# torchrun on one machine with nothing listening beyond loopback (scripts/README.md): the
+# rendezvous is a c10d store in a private temporary file, the workers' store is their own (the
+# variable), and rank 0's address, hence the workers' store and gloo, is 127.0.0.1
+TORCHRUN_ON_ONE_MACHINE = (
+    "--rdzv-backend", "c10d", "--rdzv-conf", "store_type=file", "--local-addr", "127.0.0.1",
+)  # fmt: skip
+TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 def _owner(folder: Path) -> int | None:
@@ -90,3 +107,42 @@ def loopback_interface() -> str | None:
         if name in names:
             return name
     return next((name for name in names if name.startswith("lo")), None)
+
+
+def loopback_address(host: str) -> str | None:
+    """``host`` as a numeric loopback address (``127.0.0.1``, ``::1``; ``localhost`` resolved),
+    or None when it is not one. Other names are not looked up: they are another machine's."""
+    if host == "localhost":
+        try:
+            host = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0]
+        except (OSError, IndexError):
+            return None
+    try:
+        return host if ipaddress.ip_address(host).is_loopback else None
+    except ValueError:
+        return None
+
+
+def loopback_store(
+    host: str, port: int, rank: int, world_size: int, timeout: datetime.timedelta
+) -> dist.TCPStore:
+    """What ``env://`` builds, but listening on loopback only: rank 0 hosts the store on a socket
+    it bound to ``host:port`` itself (a ``TCPStore`` binds every interface), the others connect."""
+    use_libuv = os.environ.get("USE_LIBUV", "1") == "1"  # as env:// reads it (Windows: 0)
+    if rank != 0:
+        return dist.TCPStore(host, port, world_size, False, timeout, use_libuv=use_libuv)
+    listener = socket.create_server((host, port), family=_family(host))
+    return dist.TCPStore(
+        host,
+        port,
+        world_size,
+        True,
+        timeout,
+        multi_tenant=True,
+        master_listen_fd=listener.detach(),
+        use_libuv=use_libuv,
+    )  # fmt: skip: the store owns the socket now, and closes it when it is destroyed
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET

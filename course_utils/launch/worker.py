@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from course_utils import hardware
+from course_utils.launch import rendezvous
 
 GROUP_TIMEOUT_S = 60.0  # a collective that a rank skips fails after this, not gloo's 30 minutes
 
@@ -116,18 +117,35 @@ def process_group(
     me = worker(device)
     if me.device.type == "cuda":
         torch.cuda.set_device(me.device)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    meet = {"init_method": f"file://{store}"} if store else _env_rendezvous(me, timeout)
     dist.init_process_group(
-        me.backend,
-        init_method=f"file://{store}" if store else "env://",
-        rank=me.rank,
-        world_size=me.world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
+        me.backend, rank=me.rank, world_size=me.world_size, timeout=timeout, **meet
     )
     try:
         yield me
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _env_rendezvous(me: Worker, timeout: datetime.timedelta) -> dict:
+    """``env://``, kept on loopback when ``MASTER_ADDR`` is a loopback address (torchrun on one
+    machine): then every rank is here, so rank 0's store and gloo listen on loopback only (a
+    ``TCPStore`` and gloo would otherwise listen on every interface, or the host name's)."""
+    host = rendezvous.loopback_address(os.environ.get("MASTER_ADDR", ""))
+    if host is None:
+        return {"init_method": "env://"}
+    interface = rendezvous.loopback_interface()
+    if me.backend == "gloo" and interface and "GLOO_SOCKET_IFNAME" not in os.environ:
+        os.environ["GLOO_SOCKET_IFNAME"] = interface
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # torchrun's store, not ours
+        return {"init_method": "env://"}
+    port = os.environ.get("MASTER_PORT", "")
+    if not port.isdigit():  # env:// says what is wrong with it
+        return {"init_method": "env://"}
+    store = rendezvous.loopback_store(host, int(port), me.rank, me.world_size, timeout)
+    return {"store": store}
 
 
 def exit_cleanly(code: int = 0) -> None:
@@ -191,7 +209,7 @@ def child_main(fn, args, kwargs, setup: dict, conn) -> None:
         os.sched_setaffinity(0, setup["cores"])
     _launched_kind = setup["kind"]  # what cu.launch.worker() answers in this process
     _dump_stack_on_signal(setup.get("stack_file"))
-    status, payload = "ok", None
+    status, payload, failure = "ok", None, None
     try:
         if setup["init_group"]:
             with process_group(timeout_s=setup["group_timeout"], store=setup["store"]):
@@ -200,6 +218,10 @@ def child_main(fn, args, kwargs, setup: dict, conn) -> None:
             payload = fn(*args, **kwargs)
     except BaseException as err:  # report everything, KeyboardInterrupt included
         status, payload = "error", (type(err).__name__, str(err), traceback.format_exc())
+        # Kept until exit_cleanly: freeing it frees its frames' objects, and a DDP model's
+        # process group can deadlock in its destructor after a timeout (a gloo thread waits for
+        # the GIL this thread holds), before the error is sent.
+        failure = err
     try:
         # Plain pickle, sent as bytes: multiprocessing's own pickler would share tensors through
         # file descriptors that vanish when this process exits right after sending.
@@ -208,4 +230,4 @@ def child_main(fn, args, kwargs, setup: dict, conn) -> None:
         message = ("ResultError", f"its result could not be sent back: {err!r}", "")
         conn.send_bytes(pickle.dumps(("error", message)))
     conn.close()
-    exit_cleanly(0 if status == "ok" else 1)
+    exit_cleanly(0 if failure is None else 1)
