@@ -114,6 +114,19 @@ def test_spawned_workers_run_importable_functions_and_notebook_ones_by_value(mon
         launch.run(defined_here, 2, 5, start_method="teleport")
 
 
+def test_send_by_value_gives_forked_workers_the_copy_a_spawned_one_would_get(monkeypatch):
+    lock = threading.Lock()  # in the caller's memory: a fork inherits it, pickle can't send it
+
+    def uses_the_lock():  # "a notebook's function"
+        with lock:
+            return dist.get_rank()
+
+    assert launch.run(uses_the_lock, 2, threads=1, start_method="fork", timeout=60) == [0, 1]
+    monkeypatch.setenv("COURSE_SEND_BY_VALUE", "1")  # how CI runs every lesson
+    with pytest.raises(ValueError, match="can't be sent"):
+        launch.run(uses_the_lock, 2, threads=1, start_method="fork", timeout=60)
+
+
 def apply_to_rank(fn):
     """A package-level function that calls what it is given (as cu.overlap.profile_steps does)."""
     return fn(dist.get_rank())

@@ -17,8 +17,10 @@ How it works, and why:
   once CUDA is initialised in the caller, and missing on Windows: then the launcher spawns (fresh
   interpreters, ~2 s more). A function a spawned interpreter can't import (one defined in a notebook
   cell) travels *by value*: ``cloudpickle`` serialises its code and the globals it uses.
-  ``start_method="spawn"`` (or the environment variable ``COURSE_START_METHOD=spawn``, which CI
-  uses to run every lesson that way) forces spawning.
+  ``start_method="spawn"`` (or the environment variable ``COURSE_START_METHOD=spawn``) forces
+  spawning. ``COURSE_SEND_BY_VALUE=1`` sends such functions by value to *forked* workers too,
+  which then run the copy, not the caller's memory: CI runs every lesson that way, which
+  shows at fork's cost that a lesson's workers need nothing a spawned interpreter lacks.
 - **A forked worker gets one thread, or is spawned.** PyTorch's CPU build uses GNU OpenMP, whose
   thread pool does not survive ``fork``: a forked child that runs a parallel region with more than
   one thread, after its parent has used the pool, hangs for ever. So a launch that wants more than
@@ -41,6 +43,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
+import signal
 import socket
 import sys
 import threading
@@ -82,6 +85,11 @@ def _by_value(work: tuple) -> bytes:
         return cloudpickle.dumps(work)
     except Exception as err:
         raise ValueError(f"{_name(work[0])} can't be sent to spawned workers: {err}") from err
+
+
+def _always_by_value() -> bool:
+    """``COURSE_SEND_BY_VALUE=1``: a notebook's functions go by value to forked workers too."""
+    return os.environ.get("COURSE_SEND_BY_VALUE", "").strip() == "1"
 
 
 def _method(asked: str | None) -> str:
@@ -134,10 +142,13 @@ def _warn_once(key: str, message: str) -> None:
 
 
 def _stop(procs: list) -> None:
-    """SIGTERM every live worker, then SIGKILL what is left; reap them all."""
+    """SIGTERM every live worker (and SIGCONT, so that a stopped one acts on it), then SIGKILL
+    what is left; reap them all."""
     for p in procs:
         if p.is_alive():
             p.terminate()
+            if hasattr(signal, "SIGCONT"):
+                os.kill(p.pid, signal.SIGCONT)
     deadline = time.monotonic() + 2.0
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))
@@ -212,7 +223,9 @@ def run(
                 )
     # a notebook's function, as the work or among its arguments: sent by value (cloudpickle)
     sent = (fn, *args, *kwargs.values())
-    by_value = method == "spawn" and any(callable(f) and not _importable(f) for f in sent)
+    by_value = (method == "spawn" or _always_by_value()) and any(
+        callable(f) and not _importable(f) for f in sent
+    )
     work = (fn, args, kwargs)
     package = _by_value(work) if by_value else None
     ctx = mp.get_context(method)
@@ -275,8 +288,9 @@ def _cores_of(rank: int, threads: int, nproc: int) -> list[int] | None:
 
 
 def _collect(procs: list, readers: dict, timeout: float, meeting=None) -> list:
-    """Wait for every rank's message; raise on the first error, a silent death, or the timeout
-    (with the late ranks' stacks, from the files in ``meeting``)."""
+    """Wait for every rank's message; raise on the first error (a collective's timeout names the
+    ranks it waited for), a silent death, or the timeout (with the late ranks' stacks, from the
+    files in ``meeting``)."""
     results: dict[int, object] = {}
     sentinels = {p.sentinel: rank for rank, p in enumerate(procs)}
     pending = dict(readers)
@@ -314,7 +328,10 @@ def _collect(procs: list, readers: dict, timeout: float, meeting=None) -> list:
                 del pending[obj]
                 if status == "error":
                     kind, message, worker_traceback = payload
-                    raise WorkerError(rank, message, worker_traceback, kind)
+                    late, stacks = {}, {}
+                    if postmortem.timed_out(message):  # which rank did it wait for?
+                        late, stacks = postmortem.late_ranks(procs, pending, deadline, meeting)
+                    raise WorkerError(rank, message, worker_traceback, kind, late, stacks)
                 results[rank] = payload
             elif sentinels[obj] in pending.values() and not _reader_of(
                 pending, sentinels[obj]
