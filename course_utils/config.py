@@ -1,5 +1,5 @@
 """One training run's settings, the command line built from them, and the checks that run before
-any worker starts (the contract of ``python -m course_utils.train``, in DESIGN.md and the README).
+any worker starts (the contract of ``python -m course_utils.train``: docs/command_line.md).
 
 ``--batch-size`` is always the *global* batch: a data-parallel or pipeline run with the same batch
 and seed does the same arithmetic as ``--parallel none`` and reports the same per-step losses.
@@ -10,8 +10,10 @@ written.
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import os
+import re
 import stat
 import tempfile
 from dataclasses import asdict, dataclass, fields
@@ -58,10 +60,10 @@ class RunConfig:
     microbatches: int = 4  # pipeline only: microbatches per global batch
     schedule: str = "gpipe"  # pipeline: gpipe, 1f1b, interleaved1f1b, zbv or dualpipev
     eval: bool = False  # report test accuracy at the end
-    json: str | None = None  # write the results to this file
-    checkpoint: str | None = None  # directory to save to and resume from
+    json: str | None = None  # write the results to this file (default: none written)
+    checkpoint: str | None = None  # folder to save to and resume from (default: none kept)
     checkpoint_every: int = 0  # save every K steps (0: only at the end)
-    profile: str | None = None  # folder for one torch.profiler trace per rank
+    profile: str | None = None  # folder for one torch.profiler trace per rank (default: none)
     data_dir: str | None = None  # folder with the full MNIST (default: the bundled subset)
     oversubscribe: bool = False  # allow more than 4 workers per core (MAX_WORKERS_PER_CORE)
 
@@ -110,14 +112,27 @@ def parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         argument_default=argparse.SUPPRESS,
     )
+    helps = _field_comments()
     for f in fields(RunConfig):
         flag = "--" + f.name.replace("_", "-")
+        text = helps.get(f.name, "")
         if f.type == "bool":
-            p.add_argument(flag, action="store_true")
+            p.add_argument(flag, action="store_true", help=text)
             continue
+        if f.default is not None and "default" not in text:
+            text += f" (default: {f.default})"
         kind = {"int": int, "float": float}.get(f.type.split(" |")[0], str)
-        p.add_argument(flag, type=kind, choices=CHOICES.get(f.name))
+        p.add_argument(flag, type=kind, choices=CHOICES.get(f.name), help=text)
     return p
+
+
+def _field_comments() -> dict[str, str]:
+    """Each :class:`RunConfig` field's comment, its one-line help (one text for code and CLI)."""
+    try:
+        source = inspect.getsource(RunConfig)
+    except (OSError, TypeError):  # no source (a frozen build): flags without help
+        return {}
+    return dict(re.findall(r"^    (\w+): [^=\n]+ = [^#\n]+  # (.+)$", source, re.MULTILINE))
 
 
 def parse(argv: list[str] | None = None, world_size: int | None = None) -> RunConfig:

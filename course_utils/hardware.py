@@ -49,7 +49,8 @@ def backend(kind: str = "auto") -> str:
 
 
 def device(local_rank: int = 0, kind: str = "auto") -> torch.device:
-    """The device a worker with this *local* rank uses (never the global rank: see STYLE.md)."""
+    """The device a worker with this *local* rank uses (never the global rank: on a job's second
+    machine, global rank 4 drives cuda:0)."""
     if device_kind(kind) == "cuda":
         return torch.device("cuda", local_rank % num_gpus())
     return torch.device("cpu")

@@ -1,4 +1,4 @@
-"""The course's training entry point (contract in DESIGN.md and the README), one run top to bottom.
+"""The course's training entry point (contract in docs/command_line.md), one run top to bottom.
 
     python -m course_utils.train --model rnn --steps 200 --eval
     python -m course_utils.train --model cnn --parallel ddp --nproc 2 --json out.json

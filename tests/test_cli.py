@@ -1,4 +1,4 @@
-"""The training entry point's contract (DESIGN.md): JSON keys, bad input, determinism."""
+"""The training entry point's contract (docs/command_line.md): JSON keys, bad input, determinism."""
 
 import json
 
@@ -80,3 +80,14 @@ def test_same_seed_gives_same_losses_and_another_seed_does_not():
 def test_rnn_is_deterministic_too():
     cfg = train.RunConfig(model="rnn", steps=5, batch_size=16, seed=0, threads=1)
     assert train.run(cfg, progress=False)["losses"] == train.run(cfg, progress=False)["losses"]
+
+
+def test_every_option_has_a_one_line_help_that_gives_its_default():
+    from course_utils import config
+
+    options = [a for a in config.parser()._actions if a.option_strings != ["-h", "--help"]]
+    assert len(options) == len(config.fields(config.RunConfig))
+    for action in options:
+        assert action.help and "\n" not in action.help, action.option_strings
+        if action.nargs != 0:  # a flag with a value (not a switch) says what it is without one
+            assert "default" in action.help, (action.option_strings, action.help)

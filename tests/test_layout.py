@@ -1,5 +1,6 @@
-"""The package's shape (DESIGN.md): one module per idea, none too long, imports running one way,
-and settings passed as parameters rather than through environment variables."""
+"""The package's shape (docs/command_line.md, "Layout of the repository"): one module per idea,
+none too long, imports running one way, and settings passed as parameters rather than through
+environment variables."""
 
 import ast
 import re
@@ -9,7 +10,7 @@ from conftest import ROOT
 
 PACKAGE = ROOT / "course_utils"
 MODULES = sorted(PACKAGE.rglob("*.py"))
-MAX_LINES = 350  # "a file past ~300 lines is asking to be split" (STYLE.md)
+MAX_LINES = 350  # "a file past ~300 lines is asking to be split" (the project's style guide)
 
 # Layers from the bottom up: a module imports from its own layer or the ones below, never above.
 # (notebooks -> widgets -> plots; train -> strategies -> launch, collectives, checkpoint -> loop,
@@ -47,7 +48,9 @@ def imports(path) -> set[str]:
 
 def test_every_module_in_the_package_has_a_place_in_the_layers():
     tops = {top_module(p) for p in MODULES} - {"__init__"}
-    assert tops == set(LAYER), "add new modules to LAYERS (and to DESIGN.md's table)"
+    assert tops == set(LAYER), (
+        "add new modules to LAYERS (and to the layout in docs/command_line.md)"
+    )
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
