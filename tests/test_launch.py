@@ -195,3 +195,25 @@ def test_a_timeout_says_where_each_late_rank_was_stuck():
     assert "in skips_a_collective" in rank1 and "all_reduce" not in rank1
     assert "child_main" not in message  # the launcher's own frames are left out
     assert set(caught.value.stacks) == {0, 1}  # every thread's stack, for whoever wants them
+
+
+def test_a_script_read_from_standard_input_spawns_its_workers(tmp_path):
+    # `python - <<EOF`: __main__ names "<stdin>", a file a spawned interpreter can't re-run; its
+    # functions travel by value, as a notebook's do
+    script = (
+        "import torch.distributed as dist\n"
+        "from course_utils import launch\n"
+        "def rank_plus(x):\n"
+        "    return dist.get_rank() + x\n"
+        "print(launch.run(rank_plus, 2, 10, start_method='spawn', threads=1, timeout=60))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-"],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,  # not the repository: nothing named <stdin> to find by accident
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "[10, 11]", done.stderr[-2000:]

@@ -1,10 +1,13 @@
 """Finding processes: the children of a process (torchrun's workers, the launcher's), and whether
-one is still alive. Linux reads ``/proc``; elsewhere ``pgrep -P`` (macOS) answers."""
+one is still alive. Linux reads ``/proc``; elsewhere ``pgrep -P`` (macOS) answers. Also what a
+spawned process re-runs of its parent's ``__main__``."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 PROC = Path("/proc")
@@ -64,3 +67,21 @@ def environ(pid: int) -> dict[str, str]:
         return {}
     pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
     return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
+
+
+@contextmanager
+def main_without_a_missing_file(method: str):
+    """A spawned interpreter re-runs the caller's ``__main__`` from its file; a script read from
+    standard input (``python - <<EOF``) names ``<stdin>``, which no file holds. While workers
+    start, such a ``__main__`` is shown without a file, like a notebook's: its functions then
+    travel by value."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if method != "spawn" or path is None or os.path.isfile(path):
+        yield
+        return
+    del main.__file__
+    try:
+        yield
+    finally:
+        main.__file__ = path

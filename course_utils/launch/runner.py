@@ -55,7 +55,7 @@ from multiprocessing.connection import wait
 import torch
 
 from course_utils import hardware
-from course_utils.launch import postmortem, rendezvous
+from course_utils.launch import postmortem, processes, rendezvous
 from course_utils.launch.postmortem import LaunchTimeout, WorkerError
 from course_utils.launch.worker import GROUP_TIMEOUT_S, child_main, child_main_by_value
 
@@ -236,7 +236,7 @@ def run(
         try:
             # One launch starts its processes at a time: forking while another thread holds
             # the import lock (a first DDP import, say) would leave the child deadlocked.
-            with _START_LOCK:
+            with _START_LOCK, processes.main_without_a_missing_file(method):
                 if method == "fork":
                     _preload()
                 for rank in range(nproc):
