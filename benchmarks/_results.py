@@ -11,9 +11,9 @@ import course_utils as cu
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def save(name: str, rows: list, repeats: int, watch) -> Path:
+def save(name: str, rows: list, repeats: int, watch, extra: dict | None = None) -> Path:
     """``rows`` of one benchmark, its ``repeats`` and how busy the machine was (``watch``: a
-    ``cu.measure.Watch`` around the measurements)."""
+    ``cu.measure.Watch`` around the measurements); ``extra``: settings common to every row."""
     out = {
         "machine": {
             "cores": cu.hardware.num_cores(),
@@ -21,6 +21,7 @@ def save(name: str, rows: list, repeats: int, watch) -> Path:
             "others_busy_cores": watch.others,
         },
         "repeats": repeats,
+        **(extra or {}),
         "rows": rows,
     }
     RESULTS.mkdir(exist_ok=True)

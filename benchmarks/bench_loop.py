@@ -54,7 +54,7 @@ def measure(name: str, batch_size: int, num_steps: int, repeats: int, threads: i
         rates = {}
         for label, fn in (("course", course_loop), ("bare", bare_loop)):
             model = cu.models.build(name, seed=r)
-            optimizer = cu.loop.make_optimizer(model, lr=0.01)
+            optimizer = cu.models.make_optimizer(model, lr=0.01)
             rates[label] = fn(model, optimizer, X, y, batch_size, num_steps, seed=r)
         course.append(rates["course"])
         bare.append(rates["bare"])

@@ -1,82 +1,67 @@
-"""Pipeline parallelism: throughput of 2 stages against one process with one thread.
+"""Pipeline parallelism on the command line's own path: 2 stages against one process, 1 thread each.
 
     python benchmarks/bench_pipeline.py [--batch-size 256] [--transformer-batch-size 256]
         [--steps 10] [--repeats 3] [--models cnn,rnn,transformer] [--schedules 1f1b,gpipe]
-        [--microbatches 2,8] [--engine torch] [--no-pin]
+        [--microbatches 2,8] [--traced-runs 1]
 
-For each model (CNN, RNN, transformer), schedule (GPipe, 1F1B) and number of microbatches m = 1,
-2, 4, 8, 16, 2 worker processes with 1 thread each (each pinned to its own core) train a few steps
-(stages balanced by measured time). Two baselines, each measured right before each run, so that
-each ratio compares runs on the same (possibly busy) machine: the whole model in one process with
-one thread on the whole batch, and the same process running the pipeline's m microbatches one
-after the other (the same arithmetic and operation sizes: a speedup over it is the pipelining
-alone; a big batch in one piece can be slower per sample, its activations overflowing the
-caches). The median of the paired ratios is reported, and the ratio of the best runs of each (the
-least disturbed by other programs). Beside each ratio: the bound m·p/(m+p-1) of equal stages, and
-the bound of the stages as measured (the slowest stage sets the pace), and where the step went:
-each stage's busy time (from the last step's timeline), their sum over one process's time for the
-same microbatches (the cost of cutting the model), the CPU time each rank's gloo network thread
-took per step (it copies the messages on the core its rank computes on; counted in the kernel's
-clock ticks, so to about 1 ms per step over 10 steps), and the idle share beyond
-the formula's bubble (what messages and waiting add).
-Writes benchmarks/results/pipeline.json.
+Every run is a ``RunConfig`` run as a user runs it: ``python -m course_utils.train`` with its
+flags, a fresh process each (``_command_line``), on the CPU, 1 thread per process, reporting
+``samples_per_s`` as the command line does (the steps after the first): the pipeline
+(``--parallel pipeline --nproc 2 --microbatches m --schedule s``: stages balanced by measured
+time, ``torch.distributed.pipelining``) and, right before it, its baseline ``--parallel none
+--threads 1`` on the same batch, so that each ratio compares two runs on the same (possibly busy)
+machine. Every configuration of a model runs once per round, in turns. The speedup is the median
+of the paired ratios, with min-max and the ratio of the best runs (the least disturbed), beside
+the bound m·p/(m+p-1) of equal stages and the bound of the stages as measured (the slowest stage
+sets the pace).
+
+Where the step went, from the traces of profiled runs (``--profile``, the steps
+``profiling.Recorder`` records): each stage's busy time per step (its labelled forward, backward
+and optimizer spans), the stages' work over the baseline's (the cost of cutting the model into
+stages and microbatches), the idle share against the formula's bubble (m+p-1 slots for m), and
+how long some gloo message was in flight on each rank. Writes benchmarks/results/pipeline.json,
+keeping the rows of the configurations not measured this time.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import os
-import platform
 import statistics
-from pathlib import Path
+import tempfile
+from dataclasses import replace
+from functools import partial
 
+import _command_line as command_line
 import torch
-import torch.distributed as dist
+from _results import RESULTS, save
 
 import course_utils as cu
-from course_utils.pipeline import schedules, stages, worker
+from course_utils import profiling
+from course_utils.config import RunConfig
+from course_utils.pipeline import config_error, schedules, stages
+from course_utils.pipeline.zero_bubble import V_SCHEDULES
 
-RESULTS = Path(__file__).resolve().parent / "results"
 NUM_STAGES = 2
 MICROBATCHES = (1, 2, 4, 8, 16)
+TRACED_STEPS = 6  # profiled runs: profiling.Recorder records steps 3-5 (after a warm-up)
 
 
-def thread_cpu_s(prefix: str = "gloo") -> float:
-    """CPU seconds used so far by this process's threads whose name starts with ``prefix``
-    (gloo's network threads), from /proc (Linux; 0.0 elsewhere)."""
-    total, tick = 0.0, os.sysconf("SC_CLK_TCK")
-    try:
-        for tid in os.listdir("/proc/self/task"):
-            task = Path("/proc/self/task", tid)
-            if (task / "comm").read_text().startswith(prefix):
-                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-                total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
-    except OSError:
-        return 0.0
-    return total
+def config(model: str, batch_size: int, steps: int, schedule: str | None, m: int) -> RunConfig:
+    """The pipeline's configuration, or with ``schedule`` None its baseline (one process)."""
+    cfg = RunConfig(model=model, batch_size=batch_size, steps=steps, threads=1, device="cpu")
+    if schedule is None:
+        return cfg
+    return replace(cfg, parallel="pipeline", nproc=NUM_STAGES, microbatches=m, schedule=schedule)
 
 
-def profile_and_network(run: worker.Profile) -> dict | None:
-    """:func:`course_utils.pipeline.worker.profile`, plus the CPU time that each rank's gloo
-    network thread (which copies the messages, on the core the rank computes on) took per step.
-    The stages are planned first, outside the count (the other ranks wait meanwhile)."""
-    if run.sizes is None:
-        stages_in_all = worker.virtual_stages(run.model, dist.get_world_size(), run.schedule)
-        sizes = worker.measured_plan(
-            run.model, stages_in_all, run.batch_size // run.microbatches, run.seed
-        )
-        run = dataclasses.replace(run, sizes=sizes)
-    dist.barrier()
-    before = thread_cpu_s()
-    result = worker.profile(run)
-    per_step = (thread_cpu_s() - before) / run.num_steps
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, per_step)
-    if result is not None:
-        result["network_cpu_s_per_step"] = everyone
-    return result
+def run(cfg: RunConfig, seen: dict | None = None) -> float:
+    """Samples/s of one run, a fresh ``python -m course_utils.train`` (the first step excluded);
+    ``seen`` gets its stage sizes."""
+    (result,) = command_line.run(cfg)
+    if seen is not None and "stage_sizes" in result:
+        seen["stage_sizes"] = result["stage_sizes"]
+    return result["samples_per_s"]
 
 
 def imbalance_bound(name: str, sizes: list[int], batch_size: int, m: int) -> float:
@@ -84,8 +69,118 @@ def imbalance_bound(name: str, sizes: list[int], batch_size: int, m: int) -> flo
     costs = stages.measured_unit_costs(name, batch_size // m, threads=1, repeats=3)
     forward, backward = stages.stage_costs(costs, sizes)
     per_stage = [f + b for f, b in zip(forward, backward)]
-    p = len(sizes)
-    return sum(per_stage) / max(per_stage) * m / (m + p - 1)
+    return sum(per_stage) / max(per_stage) * m / (m + len(sizes) - 1)
+
+
+def traced(cfg: RunConfig, repeats: int) -> dict:
+    """Medians over ``repeats`` profiled runs of ``cfg``: per rank, ms per step of the whole step,
+    of its labelled spans (busy), and of gloo's messages in flight."""
+    runs = []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as folder:
+            run(replace(cfg, steps=TRACED_STEPS, profile=folder))
+            paths = [profiling.trace_path(folder, r) for r in range(cfg.nproc)]
+            summaries = [profiling.summary(path) for path in paths]
+            runs.append(
+                {
+                    "step_ms": [_step_ms(profiling.events(path)) for path in paths],
+                    "busy_ms": [1e3 * s["compute_s"] for s in summaries],
+                    "gloo_ms": [1e3 * s["communication_s"] for s in summaries],
+                }
+            )
+    return {
+        key: [statistics.median(r[key][rank] for r in runs) for rank in range(cfg.nproc)]
+        for key in runs[0]
+    }
+
+
+def _step_ms(events: list[dict]) -> float:
+    steps = [
+        e["dur"] for e in events if e.get("ph") == "X" and e["name"].startswith("ProfilerStep#")
+    ]
+    return statistics.mean(steps) / 1e3
+
+
+def measure(name: str, batch: int, names: tuple, args) -> list[dict]:
+    """The rows of one model: every valid (schedule, m), its paired ratios and its traces."""
+    configs = [
+        (schedule, m)
+        for schedule in names
+        for m in map(int, args.microbatches.split(","))
+        if not config_error(name, NUM_STAGES, batch, m, schedule)  # 1F1B needs m >= p
+    ]
+    seen = {c: {} for c in configs}
+    measures = {}
+    for schedule, m in configs:  # each pipeline right after its own baseline
+        measures[schedule, m, "one"] = partial(run, config(name, batch, args.steps, None, m))
+        pipe = config(name, batch, args.steps, schedule, m)
+        measures[schedule, m, "pipe"] = partial(run, pipe, seen[schedule, m])
+    speeds = cu.measure.interleaved(measures, args.repeats, progress=name)
+    one_traced = traced(config(name, batch, args.steps, None, 1), args.traced_runs)
+    rows = []
+    for schedule, m in configs:
+        pipe, one = speeds[schedule, m, "pipe"], speeds[schedule, m, "one"]
+        ratio = cu.measure.ratios(pipe, one)
+        bound = schedules.speedup_bound(NUM_STAGES, m)
+        sizes = seen[schedule, m]["stage_sizes"]
+        row = {
+            "model": name,
+            "timed": "python -m course_utils.train",  # (earlier rows: a harness of its own)
+            "batch_size": batch,
+            "schedule": schedule,
+            "microbatches": m,
+            "stage_sizes": sizes,
+            "speedup": ratio.median,
+            "speedups": list(ratio.samples),
+            "bound": bound,
+            "fraction_of_bound": ratio.median / bound,
+            "fraction_of_bound_min": ratio.low / bound,
+            "fraction_of_bound_max": ratio.high / bound,
+            "speedup_best": pipe.high / one.high,
+            "fraction_of_bound_best": pipe.high / one.high / bound,
+            "samples_per_s": list(pipe.samples),
+            "baseline_samples_per_s": list(one.samples),
+            "bound_of_measured_stages": imbalance_bound(name, sizes, batch, m),
+            "formula_bubble": schedules.bubble_formula(NUM_STAGES, m),
+        }
+        if args.traced_runs:
+            t = traced(config(name, batch, args.steps, schedule, m), args.traced_runs)
+            step = statistics.mean(t["step_ms"])
+            row |= {
+                "stage_busy_ms": t["busy_ms"],
+                "stage_work_over_one_process": sum(t["busy_ms"]) / one_traced["busy_ms"][0],
+                "measured_bubble": 1 - statistics.mean(t["busy_ms"]) / step,
+                "gloo_in_flight_ms": t["gloo_ms"],
+                "step_ms": step,
+                "one_process_step_ms": one_traced["step_ms"][0],
+            }
+        rows.append(row)
+        print(_line(row), flush=True)
+    return rows
+
+
+def _line(r: dict) -> str:
+    text = (
+        f"{r['model']} batch {r['batch_size']} {r['schedule']:5} m={r['microbatches']:2}: "
+        f"{r['speedup']:.2f}x one process ({r['fraction_of_bound']:.0%} of the bound "
+        f"{r['bound']:.2f}, {r['fraction_of_bound_min']:.0%}-{r['fraction_of_bound_max']:.0%}; "
+        f"best runs {r['fraction_of_bound_best']:.0%}); these stages allow "
+        f"{r['bound_of_measured_stages']:.2f}"
+    )
+    if "stage_busy_ms" in r:
+        text += (
+            f"; traces: step {r['step_ms']:.1f} ms against one process's "
+            f"{r['one_process_step_ms']:.1f}, stages busy "
+            f"{'/'.join(f'{t:.1f}' for t in r['stage_busy_ms'])} ms, their work "
+            f"{r['stage_work_over_one_process']:.2f}x one process's, idle "
+            f"{r['measured_bubble']:.0%} (formula {r['formula_bubble']:.0%}), gloo in flight "
+            f"{'/'.join(f'{t:.1f}' for t in r['gloo_in_flight_ms'])} ms"
+        )
+    return text
+
+
+def _key(row: dict) -> tuple:
+    return row["model"], row["schedule"], row["microbatches"]
 
 
 def main() -> None:
@@ -99,129 +194,26 @@ def main() -> None:
         "--schedules", default=None, help="default: all (and the V ones for the transformer)"
     )
     p.add_argument("--microbatches", default=",".join(map(str, MICROBATCHES)))
-    p.add_argument("--engine", default="torch", choices=worker.ENGINES)
-    p.add_argument("--no-pin", dest="pin", action="store_false")
+    p.add_argument("--traced-runs", type=int, default=1, help="profiled runs of each (0: none)")
     args = p.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # the bound of the measured stages: unit costs on one thread
     rows = []
-    for name in args.models.split(","):
-        batch = args.transformer_batch_size if name == "transformer" else args.batch_size
-        runs: dict[tuple, dict] = {}
-        names = schedules.SCHEDULES + (worker.V_SCHEDULES if name == "transformer" else ())
-        if args.schedules:
-            names = tuple(s for s in names if s in args.schedules.split(","))
-        for _ in range(args.repeats):
-            for schedule in names:
-                for m in map(int, args.microbatches.split(",")):
-                    if worker.config_error(name, NUM_STAGES, batch, m, schedule):
-                        continue  # 1F1B needs m >= p in torch.distributed.pipelining
-                    if schedule in worker.V_SCHEDULES and args.engine != "torch":
-                        continue
-                    # The baselines right before each run: a busy machine slows them all alike.
-                    whole = worker.one_process_throughput(name, batch, 1, args.steps)
-                    pieces = worker.one_process_throughput(name, batch, 1, args.steps, 0, m)
-                    result = cu.launch.run(
-                        profile_and_network,
-                        NUM_STAGES,
-                        worker.Profile(name, m, schedule, args.engine, batch, args.steps),
-                        threads=1,
-                        timeout=600,
-                        device="cpu",  # like the baselines: CPU processes
-                        pin=args.pin,
-                    )[0]
-                    run = runs.setdefault((schedule, m), {"sizes": result["sizes"]})
-                    busy = [0.0] * NUM_STAGES  # each rank's compute in the recorded step, s
-                    for e in result["events"]:
-                        busy[e.row] += e.end - e.start
-                    for key, value in (
-                        ("busy", busy),
-                        ("network", result["network_cpu_s_per_step"]),
-                        ("pipe", result["samples_per_s"]),
-                        ("whole", whole),
-                        ("pieces", pieces),
-                        ("bubble", schedules.bubble_fraction(result["events"], NUM_STAGES)),
-                    ):
-                        run.setdefault(key, []).append(value)
-        for (schedule, m), run in sorted(runs.items()):
-            bound = schedules.speedup_bound(NUM_STAGES, m)
-            ratios = [p / b for p, b in zip(run["pipe"], run["whole"])]
-            speedup = statistics.median(ratios)
-            # the stages' compute over one process's step on the same microbatches
-            work = [sum(b) * s / batch for b, s in zip(run["busy"], run["pieces"])]
-            over_pieces = statistics.median(p / b for p, b in zip(run["pipe"], run["pieces"]))
-            # the best pipeline run over the best baseline run (the least disturbed, as timeit)
-            best = max(run["pipe"]) / max(run["whole"])
-            rows.append(
-                {
-                    "model": name,
-                    "batch_size": batch,
-                    "schedule": schedule,
-                    "microbatches": m,
-                    "stage_sizes": run["sizes"],
-                    "speedup": speedup,
-                    "speedups": ratios,
-                    "fraction_of_bound_min": min(ratios) / bound,
-                    "fraction_of_bound_max": max(ratios) / bound,
-                    "stage_busy_ms": [
-                        1e3 * statistics.median(b[r] for b in run["busy"])
-                        for r in range(NUM_STAGES)
-                    ],
-                    "stage_work_over_one_process": statistics.median(work),
-                    "network_thread_ms_per_step": [
-                        1e3 * statistics.median(n[r] for n in run["network"])
-                        for r in range(NUM_STAGES)
-                    ],
-                    "speedup_best": best,
-                    "speedup_over_microbatched": over_pieces,
-                    "samples_per_s": run["pipe"],
-                    "baseline_samples_per_s": run["whole"],
-                    "microbatched_samples_per_s": run["pieces"],
-                    "bound": bound,
-                    "fraction_of_bound": speedup / bound,
-                    "fraction_of_bound_best": best / bound,
-                    "fraction_of_bound_microbatched": over_pieces / bound,
-                    "bound_of_measured_stages": imbalance_bound(name, run["sizes"], batch, m),
-                    "measured_bubble": statistics.median(run["bubble"]),
-                    "formula_bubble": schedules.bubble_formula(NUM_STAGES, m),
-                }
-            )
-            r = rows[-1]
-            print(
-                f"{name} batch {batch} {schedule:5} m={m:2}: {speedup:.2f}x of 1 process "
-                f"({r['fraction_of_bound']:.0%} of the bound {bound:.2f}, "
-                f"{r['fraction_of_bound_min']:.0%}-{r['fraction_of_bound_max']:.0%}), "
-                f"{over_pieces:.2f}x of 1 process on the same microbatches "
-                f"({r['fraction_of_bound_microbatched']:.0%}); these stages allow "
-                f"{r['bound_of_measured_stages']:.2f}; bubble {r['measured_bubble']:.2f} "
-                f"(formula {r['formula_bubble']:.2f}); stages busy "
-                f"{[round(t, 1) for t in r['stage_busy_ms']]} ms, their work "
-                f"{r['stage_work_over_one_process']:.2f}x one process's; gloo's network "
-                f"thread {[round(t, 1) for t in r['network_thread_ms_per_step']]} ms per step",
-                flush=True,
-            )
-    measured = {(r["model"], r["schedule"]) for r in rows}
+    with cu.measure.Watch() as watch:
+        for name in args.models.split(","):
+            batch = args.transformer_batch_size if name == "transformer" else args.batch_size
+            names = schedules.SCHEDULES + (V_SCHEDULES if name == "transformer" else ())
+            if args.schedules:
+                names = tuple(s for s in names if s in args.schedules.split(","))
+            rows += measure(name, batch, names, args)
+    print(watch.note())
+    measured = {_key(r) for r in rows}
     previous = RESULTS / "pipeline.json"
-    if previous.exists():  # keep the rows of the models and schedules not measured this time
-        old = json.loads(previous.read_text())
-        kept = [r for r in old.get("rows", []) if (r["model"], r["schedule"]) not in measured]
-        for r in kept:  # older files named the batch once, at the top
-            key = "transformer_batch_size" if r["model"] == "transformer" else "batch_size"
-            r.setdefault("batch_size", old.get(key))
-        rows = kept + rows
-    out = {
-        "machine": f"{platform.machine()}, {cu.hardware.num_cores()} cores",
-        "num_stages": NUM_STAGES,
-        "batch_size": args.batch_size,
-        "transformer_batch_size": args.transformer_batch_size,
-        "engine": args.engine,
-        "pinned": args.pin,
-        "threads_per_worker": 1,
-        "steps": args.steps,
-        "repeats": args.repeats,
-        "rows": rows,
-    }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "pipeline.json").write_text(json.dumps(out, indent=1))
+    if previous.exists():  # keep the rows of the configurations not measured this time
+        rows = [
+            r for r in json.loads(previous.read_text())["rows"] if _key(r) not in measured
+        ] + rows
+    extra = {"num_stages": NUM_STAGES, "threads_per_worker": 1, "steps": args.steps}
+    print(f"wrote {save('pipeline', rows, args.repeats, watch, extra)}")
 
 
 if __name__ == "__main__":

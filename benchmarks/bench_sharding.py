@@ -1,79 +1,80 @@
-"""Sharded data parallel against DDP: the state each rank holds and the throughput, 2 ranks.
+"""Sharded data parallel against DDP on the command line's own path, 2 ranks: the throughput, and
+the model state each rank holds between steps and at the fullest moment of a step.
 
     python benchmarks/bench_sharding.py [--repeats 5] [--batch-sizes 128 256] [--steps 20]
 
 The transformer with AdamW (the state sharding is for: Adam keeps two numbers per parameter) on 2
-workers x 1 thread at the same global batch: DDP; FSDP2 as ``--parallel fsdp`` runs it (small
-blocks grouped into units of at least ``MIN_UNIT_PARAMS`` parameters: here the whole model is one
-unit, FSDP2's default resharding); and FSDP2 block by block with every unit resharded after its
-forward (ZeRO-3 layer by layer, the most communication). They run in turns (A B C A B C ...) so that
-load elsewhere hits all alike; a run's step time is the median of its steps after the first two;
-ratios are medians of the paired ratios, with min-max. The bytes are what rank 0 holds after
-training (parameters, gradients, optimizer state: deterministic), and the bytes each hand-written
-ZeRO stage sends per step (counted). Writes benchmarks/results/sharding.json.
+workers x 1 thread at the same global batch, every run a ``RunConfig`` through
+``course_utils.train.run`` (``train_worker``, as ``python -m course_utils.train`` runs it):
+
+- ``ddp``: ``--parallel ddp``, a whole replica per rank;
+- ``fsdp per block (--parallel fsdp)``: FSDP2 with one unit per block, and the root;
+- ``fsdp grouped: N blocks per unit``: the same worker with FSDP's units grouped
+  (``sharding.grouped_units``), a variant the command line does not run: fewer units pay fewer
+  collectives and less of FSDP's work per unit, and hold N blocks whole at once. With all 4
+  blocks in one unit the whole model is gathered during the step: it gives up what sharding is
+  for, and only the state between steps stays sharded.
+
+They run in turns (A B C D A B C D ...) so that load elsewhere hits all alike; each run reports
+``samples_per_s`` as the command line does (the steps after the first); ratios to DDP are medians
+of the paired ratios of a round, with min-max. The bytes are rank 0's, deterministic:
+``state_bytes`` (between steps) and ``peak_state_bytes`` (``sharding.PeakState``: parameters,
+gradients and optimizer state alive at the fullest moment of a step). Writes
+benchmarks/results/sharding.json in the shape of the other benchmarks (``_results.save``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
-import time
 from functools import partial
-from pathlib import Path
+from unittest import mock
 
-import torch
-import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
+from _results import save
 
 import course_utils as cu
 from course_utils import sharding
+from course_utils.config import RunConfig
 
-RESULTS = Path(__file__).resolve().parent / "results"
-VARIANTS = ("ddp", "fsdp (as --parallel fsdp)", "fsdp block by block, ZeRO-3")
+CLI = "fsdp per block (--parallel fsdp)"
+VARIANTS = {  # name -> FSDP blocks per unit (None: --parallel ddp)
+    "ddp": None,
+    CLI: 1,
+    "fsdp grouped: 2 blocks per unit": 2,
+    "fsdp grouped: 4 blocks per unit (the whole model gathered in the step)": 4,
+}
 
 
-def train(variant: str, batch_size: int, steps: int) -> dict:
-    """Worker: ``steps`` steps of the transformer under ``variant``; step time and state held."""
-    torch.set_num_threads(1)
-    model = cu.models.build("transformer", seed=0)
-    if variant == "ddp":
-        module = cu.ddp.wrap(model, torch.device("cpu"))
-    else:
-        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-        if variant.startswith("fsdp (as"):
-            units = sharding.grouped_units(model)
-            sharding.fully_sharded(model, mesh, reshard_after_forward=None, units=units)
-        else:
-            sharding.fully_sharded(model, mesh, reshard_after_forward=True)
-        module = model
-    optimizer = cu.loop.make_optimizer(module, 1e-3, "adamw")
-    X, y = cu.data.mnist("train")
-    X = cu.models.prepare_input("transformer", X)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    history = cu.loop.fit(
-        module,
-        optimizer,
-        cu.data.batches(X, y, batch_size, steps, 0, rank, world),
-        steps,
+def grouped_worker(cfg: RunConfig, blocks_per_unit: int) -> dict | None:
+    """In a worker: the command line's ``train_worker``, its FSDP units grouped by
+    ``blocks_per_unit`` (``sharding.apply`` calls ``fully_sharded``: here with those units)."""
+    shard = sharding.fsdp.fully_sharded
+
+    def grouped(model, mesh, **options):
+        return shard(model, mesh, units=sharding.grouped_units(model, blocks_per_unit), **options)
+
+    with mock.patch.object(sharding.fsdp, "fully_sharded", grouped):
+        return cu.train.train_worker(cfg)
+
+
+def run(variant: str, batch_size: int, steps: int) -> dict:
+    """One run of ``variant``: rank 0's results, as ``train.run`` returns them."""
+    blocks_per_unit = VARIANTS[variant]
+    cfg = RunConfig(
+        model="transformer",
+        optimizer="adamw",
+        lr=1e-3,
+        parallel="ddp" if blocks_per_unit is None else "fsdp",
+        nproc=2,
         batch_size=batch_size,
-        reduce=cu.collectives.all_reduce_sum,
-        progress=False,
+        steps=steps,
+        threads=1,
+        device="cpu",  # CPU processes, even on a GPU box
     )
-    held = sharding.state_bytes(model.parameters(), optimizer)
-    return {"step_s": statistics.median(history.step_times[2:]), "state_bytes": held}
-
-
-def zero_traffic(stage: int, batch_size: int) -> int:
-    """Bytes rank 0 sends in one step of hand-written ZeRO ``stage`` (2 ranks)."""
-    model = cu.models.build("transformer", seed=0)
-    zero = sharding.ZeRO(model, stage, partial(cu.loop.make_optimizer, lr=1e-3, kind="adamw"))
-    X, y = cu.data.mnist("train", limit=batch_size)
-    X = cu.models.prepare_input("transformer", X)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    zero.train_step(model, zero.optimizer, X[rank::world], y[rank::world])
-    return zero.traffic.bytes_sent
+    if blocks_per_unit in (None, 1):
+        return cu.train.run(cfg, progress=False)
+    return cu.launch.run(
+        grouped_worker, cfg.nproc, cfg, blocks_per_unit, threads=cfg.threads, device=cfg.device
+    )[0]
 
 
 def main() -> None:
@@ -82,59 +83,37 @@ def main() -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 256])
     p.add_argument("--steps", type=int, default=20)
     args = p.parse_args()
-    start = time.perf_counter()
-    rows, held = [], {}
+    rows = []
     with cu.measure.Watch() as watch:
         for batch in args.batch_sizes:
-            samples = {v: [] for v in VARIANTS}
-            for _ in range(args.repeats):
-                for v in VARIANTS:
-                    r = cu.launch.run(train, 2, v, batch, args.steps, threads=1, device="cpu")[0]
-                    samples[v].append(r["step_s"])
-                    held[v] = r["state_bytes"]
-            steps = {v: cu.measure.spread(s) for v, s in samples.items()}
-            for v in VARIANTS[1:]:
-                ratio = cu.measure.ratios(steps["ddp"], steps[v])  # time ratio = throughput ratio
+            held = {}  # variant -> rank 0's bytes (the same in every round)
+
+            def speed(variant: str, batch: int = batch, held: dict = held) -> float:
+                result = run(variant, batch, args.steps)
+                held[variant] = {k: result[k] for k in ("state_bytes", "peak_state_bytes")}
+                return result["samples_per_s"]
+
+            measures = {v: partial(speed, v) for v in VARIANTS}
+            speeds = cu.measure.interleaved(measures, args.repeats, progress=f"batch {batch}")
+            for v, rate in speeds.items():
+                ratio = cu.measure.ratios(rate, speeds["ddp"])
                 rows.append(
-                    {
-                        "batch_size": batch,
-                        "variant": v,
-                        "ddp_step_s": steps["ddp"].median,
-                        "step_s": steps[v].median,
-                        "throughput_vs_ddp": ratio.median,
-                        "min": ratio.low,
-                        "max": ratio.high,
-                    }
+                    {"batch_size": batch, "variant": v, "steps": args.steps}
+                    | rate.as_dict("samples_per_s")
+                    | {"throughput_vs_ddp": ratio.median, "min": ratio.low, "max": ratio.high}
+                    | held[v]
                 )
-                print(f"batch {batch}, {v}: {ratio} of DDP's throughput", flush=True)
-    num_params = cu.models.count_parameters(cu.models.build("transformer"))
-    traffic = {
-        stage: cu.launch.run(zero_traffic, 2, stage, 128, device="cpu")[0] for stage in (1, 2, 3)
-    }
-    cli = VARIANTS[1]
-    out = {
-        "machine": platform.machine(),
-        "cores": cu.hardware.num_cores(),
-        "model": "transformer",
-        "optimizer": "adamw",
-        "steps": args.steps,
-        "repeats": args.repeats,
-        "rows": rows,
-        "state_bytes": held,
-        "state_share": held[cli]["total"] / held["ddp"]["total"],
-        "bytes_sent_per_step": {
-            "ddp (formula)": sharding.comm_per_rank(num_params, 2, 0),
-            **{f"zero-{s} (counted)": b for s, b in traffic.items()},
-        },
-        "load": watch.note(),
-        "seconds": time.perf_counter() - start,
-    }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "sharding.json").write_text(json.dumps(out, indent=1))
-    print(f"state per rank: fsdp {out['state_share']:.3f} of ddp's ({held[cli]['total']:,} B)")
-    for name, sent in out["bytes_sent_per_step"].items():
-        print(f"{name}: {sent / 1e6:.2f} MB sent per rank and step")
+                peak = (
+                    held[v]["peak_state_bytes"]["total"] / held["ddp"]["peak_state_bytes"]["total"]
+                )
+                rest = held[v]["state_bytes"]["total"] / held["ddp"]["state_bytes"]["total"]
+                print(
+                    f"batch {batch}, {v}: {ratio} of DDP's throughput; state per rank "
+                    f"{peak:.2f} of DDP's at the peak of a step, {rest:.2f} between steps",
+                    flush=True,
+                )
     print(watch.note())
+    save("sharding", rows, args.repeats, watch)
 
 
 if __name__ == "__main__":

@@ -36,9 +36,7 @@ def step_time(dim: int, batch: int, steps: int, engine: str | None) -> tuple[flo
     if engine == "hand":
         tp.parallelize_by_hand(model)
     elif engine == "dtensor":
-        from torch.distributed.tensor.parallel import parallelize_module
-
-        parallelize_module(model, tp.mesh(1, dist.get_world_size())["tp"], tp.plan(model))
+        tp.apply(model, cu.parallelize.Axes(tp=dist.get_world_size()).mesh()["tp"])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     X, y = cu.data.mnist("train", limit=batch)
     times = []

@@ -58,19 +58,25 @@ def loop_table(d: dict) -> tuple[str, list[str], list[list]]:
 
 
 def ddp_table(d: dict) -> tuple[str, list[str], list[list]]:
-    rows = []
-    for r in d["results"]:
-        spread = (
-            _range(r["speedup_vs_1x1_min"], r["speedup_vs_1x1_max"])
-            if "speedup_vs_1x1_min" in r
-            else ""
-        )
-        rows.append([r["batch_size"], _x(r["speedup_vs_1x1"]), spread, _x(r["speedup_vs_1x2"])])
+    rows = [
+        [
+            r["batch_size"],
+            f"{r['of_the_limit']:.2f}",
+            _range(r["of_the_limit_min"], r["of_the_limit_max"]),
+            _x(r["speedup_vs_one"]),
+            _range(r["speedup_vs_one_min"], r["speedup_vs_one_max"]),
+            _x(r["speedup_vs_one_x_2_threads"]),
+            f"{r['limit_vs_twice_one']:.2f}",
+        ]
+        for r in d["rows"]
+    ]
     title = (
-        "CNN, DDP on 2 workers × 1 thread (`bench_ddp.py`, median of "
-        f"{d['results'][0].get('repeats', '?')} paired repeats)"
+        "CNN, DDP on 2 workers × 1 thread as the command line runs it (`bench_ddp.py`, median of "
+        f"{d['repeats']} paired rounds), against its limit here: two independent processes, each "
+        "training on half the batch at the same time"
     )
-    return title, ["batch", "vs 1 worker × 1 thread", "min–max", "vs 1 worker × 2 threads"], rows
+    header = ["batch", "of the limit", "min–max", "vs 1 process × 1 thread", "min–max"]
+    return title, header + ["vs 1 process × 2 threads", "limit / 2 × 1 process"], rows
 
 
 NAMES = {"cnn": "CNN", "rnn": "RNN", "transformer": "Transformer"}
@@ -79,42 +85,38 @@ NAMES = {"cnn": "CNN", "rnn": "RNN", "transformer": "Transformer"}
 def pipeline_table(d: dict) -> tuple[str, list[str], list[list]]:
     """One row per (model, schedule, m): speedup over one process, the share of the bound (its
     range over the repeats), and, where recorded, where the step went."""
-    rows = []
+    rows, harness = [], False
     for model in ("cnn", "rnn", "transformer"):
         for schedule in ("1f1b", "gpipe", "zbv", "dualpipev"):
             for r in (r for r in d["rows"] if r["model"] == model and r["schedule"] == schedule):
                 share = f"{r['fraction_of_bound']:.0%}"
                 if "fraction_of_bound_min" in r:
                     share += f" ({r['fraction_of_bound_min']:.0%}–{r['fraction_of_bound_max']:.0%})"
-                busy = idle = work = net = ""
+                busy = idle = work = gloo = ""
                 if "stage_work_over_one_process" in r:
                     work = f"{r['stage_work_over_one_process']:.2f}"
                     busy = "/".join(f"{t:.0f}" for t in r["stage_busy_ms"])
                     idle = f"{r['measured_bubble']:.0%} ({r['formula_bubble']:.0%})"
-                if "network_thread_ms_per_step" in r:
-                    net = "/".join(f"{t:.0f}" for t in r["network_thread_ms_per_step"])
+                if "gloo_in_flight_ms" in r:
+                    gloo = "/".join(f"{t:.0f}" for t in r["gloo_in_flight_ms"])
+                speedup = _x(r["speedup"])
+                if "timed" not in r:  # measured before the benchmark timed the command line
+                    speedup, harness = speedup + " †", True
                 rows.append(
-                    [
-                        NAMES[model],
-                        schedule,
-                        r.get("batch_size", d["batch_size"]),
-                        r["microbatches"],
-                        _x(r["speedup"]),
-                        share,
-                        work,
-                        busy,
-                        idle,
-                        net,
-                    ]
+                    [NAMES[model], schedule, r["batch_size"], r["microbatches"], speedup, share]
+                    + [work, busy, idle, gloo]
                 )
     title = (
-        "Pipelines on 2 workers over 1 process (`bench_pipeline.py`): share of the bound "
-        "m·p/(m+p−1) (for zbv and dualpipev, 2 stages per worker in a V: 1F1B's bound), the "
-        "stages' work over one process's on the same microbatches, each stage's busy ms per step, "
-        "the idle share (the formula's), and gloo's network thread (ms of CPU per step)"
+        "Pipelines on 2 workers over 1 process, as the command line runs them "
+        "(`bench_pipeline.py`): share of the bound m·p/(m+p−1) (for zbv and dualpipev, 2 stages "
+        "per worker in a V: 1F1B's bound); from the traces, the stages' work over one process's, "
+        "each stage's busy ms per step, the idle share (the formula's), and the ms per step some "
+        "gloo message was in flight on each rank"
     )
+    if harness:
+        title += " († an earlier run, timed by the benchmark's own harness, pinned workers)"
     header = ["model", "schedule", "batch", "m", "speedup", "of the bound", "work", "busy ms"]
-    return title, header + ["idle (formula)", "net ms"], rows
+    return title, header + ["idle (formula)", "gloo ms"], rows
 
 
 def tp_table(d: dict) -> tuple[str, list[str], list[list]]:
@@ -137,17 +139,24 @@ def tp_table(d: dict) -> tuple[str, list[str], list[list]]:
 
 
 def sharding_table(d: dict) -> tuple[str, list[str], list[list]]:
-    rows = [
-        [r["batch_size"], r["variant"], _x(r["throughput_vs_ddp"]), _range(r["min"], r["max"])]
-        for r in d["rows"]
-    ]
-    sent = ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in d["bytes_sent_per_step"].items())
+    ddp = {r["batch_size"]: r for r in d["rows"] if r["variant"] == "ddp"}
+    rows = []
+    for r in d["rows"]:
+        held = {
+            key: r[key]["total"] / ddp[r["batch_size"]][key]["total"]
+            for key in ("peak_state_bytes", "state_bytes")
+        }
+        rows.append(
+            [r["batch_size"], r["variant"], _x(r["throughput_vs_ddp"]), _range(r["min"], r["max"])]
+            + [f"{held['peak_state_bytes']:.2f}", f"{held['state_bytes']:.2f}"]
+        )
     title = (
-        f"Transformer + AdamW, FSDP against DDP on 2 workers × 1 thread (`bench_sharding.py`, "
-        f"median of {d['repeats']}): state per rank {d['state_share']:.2f} of DDP's; sent per "
-        f"rank and step: {sent}"
+        "Transformer + AdamW, FSDP against DDP on 2 workers × 1 thread as the command line runs "
+        f"them (`bench_sharding.py`, median of {d['repeats']}): throughput, and the state per rank "
+        "(parameters, gradients, optimizer state) at the fullest moment of a step and between steps"
     )
-    return title, ["batch", "variant", "throughput vs DDP", "min–max"], rows
+    header = ["batch", "variant", "throughput vs DDP", "min–max", "state at the peak / DDP's"]
+    return title, header + ["between steps / DDP's"], rows
 
 
 def collectives_table(d: dict) -> tuple[str, list[str], list[list]]:
@@ -189,8 +198,11 @@ def headline(results: dict[str, dict]) -> list[str]:
     """At most five lines for the README: the figure of each technique a newcomer asks about."""
     out = []
     if "ddp" in results:
-        by_batch = {r["batch_size"]: r for r in results["ddp"]["results"]}
-        said = ", ".join(f"{_x(r['speedup_vs_1x1'])} at batch {b}" for b, r in by_batch.items())
+        said = ", ".join(
+            f"{_x(r['speedup_vs_one'])} at batch {r['batch_size']} ({r['of_the_limit']:.2f} of "
+            "two independent half-batch processes)"
+            for r in results["ddp"]["rows"]
+        )
         out.append(f"- **Data parallel** (CNN, 2 workers vs 1, one core each): {said}.")
     if "pipeline" in results:
         rows = [r for r in results["pipeline"]["rows"] if r["schedule"] == "1f1b"]
@@ -205,12 +217,14 @@ def headline(results: dict[str, dict]) -> list[str]:
         said = ", ".join(f"{_x(r['speedup'])} at width {r['dim']}" for r in rows)
         out.append(f"- **Tensor parallel** (transformer, 2 ranks vs 1, by hand): {said}.")
     if "sharding" in results:
-        d = results["sharding"]
-        rows = [r for r in d["rows"] if "as --parallel fsdp" in r["variant"]]
-        said = ", ".join(f"{_x(r['throughput_vs_ddp'])} at batch {r['batch_size']}" for r in rows)
+        rows = results["sharding"]["rows"]
+        ddp = next(r for r in rows if r["variant"] == "ddp")
+        cli = [r for r in rows if "--parallel fsdp" in r["variant"]]
+        peak = cli[0]["peak_state_bytes"]["total"] / ddp["peak_state_bytes"]["total"]
+        said = ", ".join(f"{_x(r['throughput_vs_ddp'])} at batch {r['batch_size']}" for r in cli)
         out.append(
-            f"- **FSDP** (2 workers): {d['state_share']:.2f} of DDP's state per rank; "
-            f"throughput vs DDP {said}."
+            f"- **FSDP** (2 workers, `--parallel fsdp`): {peak:.2f} of DDP's state per rank at the "
+            f"fullest moment of a step; throughput vs DDP {said}."
         )
     if "collectives" in results:
         errors = sorted(
@@ -238,11 +252,14 @@ def _speedup_figure(xs, series: dict, reference, reference_label: str, xlabel: s
 
 
 def figure_ddp(d: dict) -> str:
-    rows = d["results"]
+    rows = d["rows"]
     batches = [r["batch_size"] for r in rows]
     series = {
-        "vs 1 worker × 1 thread": [r["speedup_vs_1x1"] for r in rows],
-        "vs 1 worker × 2 threads": [r["speedup_vs_1x2"] for r in rows],
+        "DDP vs 1 process × 1 thread": [r["speedup_vs_one"] for r in rows],
+        "DDP vs 1 process × 2 threads": [r["speedup_vs_one_x_2_threads"] for r in rows],
+        "the limit: 2 independent half-batch processes": [
+            2 * r["limit_vs_twice_one"] for r in rows
+        ],
     }
     ideal = [2.0] * len(batches)
     fig = _speedup_figure(
@@ -324,8 +341,12 @@ def main() -> None:
         d = _load(name)
         if d is None:
             continue
+        try:
+            title, header, rows = table(d)
+        except KeyError as missing:  # written by an earlier version of its benchmark
+            print(f"{name}.json lacks {missing}: rerun its benchmark; its table is left out")
+            continue
         results[name] = d
-        title, header, rows = table(d)
         block += ["", f"**{title}**", "", *_markdown_table(header, rows)]
         if figure is not None:
             images.append(figure(d))

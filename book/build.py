@@ -183,6 +183,8 @@ def build(notebooks: Path, out: Path, repository: str | None = None) -> list[Pat
             text = _with_files(ROOT / key, out / folder)  # its own files (scripts), copied along
             if folder.name == "docs":  # its figures live in docs/img/, copied below
                 text = text.replace("](img/", "](docs/img/")
+                # a link to a page beside it (architecture.md) names it as the README would
+                text = re.sub(r"\]\(([\w-]+\.md)", r"](docs/\1", text)
             page = markdown_page(key, text, links)
             (out / name).write_text(page)
             written.append(out / name)

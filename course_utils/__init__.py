@@ -34,7 +34,7 @@ _LAZY = {
     "ddp",
     "pipeline",
     "scaling",
-    "faq",
+    "cost_model",
     "interpret",
     "tensor_parallel",
     "sharding",

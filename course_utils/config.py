@@ -1,5 +1,5 @@
 """One training run's settings, the command line built from them, and the checks that run before
-any worker starts (the contract of ``python -m course_utils.train``: docs/command_line.md).
+any worker starts (the contract of ``python -m course_utils.train``: docs/architecture.md).
 
 ``--batch-size`` is always the *global* batch: a data-parallel or pipeline run with the same batch
 and seed does the same arithmetic as ``--parallel none`` and reports the same per-step losses.
@@ -21,9 +21,8 @@ from pathlib import Path
 
 import torch
 
-from course_utils import checkpoint, data, hardware, loop, models, profiling, tensor_parallel
+from course_utils import checkpoint, data, hardware, models, parallelize, profiling
 from course_utils.launch.runner import MAX_WORKERS_PER_CORE
-from course_utils.pipeline import worker as pipeline_worker
 
 MAX_SEED = 2**31 - 1  # seeds index torch generators (with room for the epoch number)
 # The learning rate is applied in the parameters' dtype (every model is float32). Below float32's
@@ -88,7 +87,7 @@ class RunConfig:
 CHOICES = {
     "model": sorted(models.MODELS),
     "parallel": ["none", "ddp", "fsdp", "tp", "pipeline"],
-    "optimizer": list(loop.OPTIMIZERS),
+    "optimizer": list(models.OPTIMIZERS),
     "device": list(hardware.DEVICES),
     "schedule": ["gpipe", "1f1b", "interleaved1f1b", "zbv", "dualpipev"],
 }
@@ -213,31 +212,13 @@ def validate(cfg: RunConfig, local_workers: int | None = None) -> None:
             f"--parallel none runs one process; got --nproc {cfg.nproc} (use --parallel ddp)",
         ),
     ]
-    replicas = cfg.nproc // max(cfg.tp, 1) if cfg.parallel in ("ddp", "fsdp") else 1
-    data_parallel = cfg.parallel in ("ddp", "fsdp")
-    if data_parallel and cfg.nproc >= 1 and cfg.tp >= 1 and cfg.nproc % cfg.tp == 0:
-        checks.append(
-            (
-                cfg.batch_size % replicas == 0,
-                f"--batch-size {cfg.batch_size} does not divide among {replicas} data-parallel "
-                f"replicas (use a multiple of {replicas})",
-            )
-        )
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
-    if cfg.parallel == "tp" or cfg.tp != 1:
-        tp_size = cfg.nproc if cfg.parallel == "tp" else cfg.tp
-        error = tensor_parallel.config_error(cfg.model, tp_size, cfg.nproc)
-        if error:
-            raise UsageError(error)
+    error = parallelize.Axes.of(cfg).error(cfg)  # the layout of the ranks, and each axis's room
+    if error:
+        raise UsageError(error)
     _check_device(cfg.device, local)
-    if cfg.parallel == "pipeline":
-        error = pipeline_worker.config_error(
-            cfg.model, cfg.nproc, cfg.batch_size, cfg.microbatches, cfg.schedule
-        )
-        if error:
-            raise UsageError(error)
     _check_output("--json", cfg.json, folder=False)
     _check_output("--checkpoint", cfg.checkpoint, folder=True)
     _check_output("--profile", cfg.profile, folder=True)

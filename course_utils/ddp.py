@@ -22,15 +22,46 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
 
-from course_utils import data, launch, loop, models
+from course_utils import data, launch, models
 
 
-def wrap(model: nn.Module, device: torch.device) -> DistributedDataParallel:
-    """``model`` (already on ``device``) in ``DistributedDataParallel``: its constructor
-    broadcasts rank 0's weights, and every backward all-reduces the gradients, in buckets,
-    while later layers are still computing."""
+def wrap(model: nn.Module, device: torch.device, group=None) -> DistributedDataParallel:
+    """``model`` (already on ``device``) in ``DistributedDataParallel`` over ``group`` (default:
+    every rank): its constructor broadcasts the group's first rank's weights, and every backward
+    all-reduces the gradients, in buckets, while later layers are still computing."""
     device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+    return DistributedDataParallel(model, device_ids=device_ids, process_group=group)
+
+
+def apply(model: nn.Module, mesh) -> nn.Module:
+    """Data parallel by replicas, the composing module's step 3 (:mod:`course_utils.parallelize`)
+    over ``mesh`` (its data-parallel ranks): ``model`` in ``DistributedDataParallel``.
+
+    A tensor-parallel model's parameters are DTensors, which ``DistributedDataParallel`` can't
+    bucket (it concatenates plain tensors; PyTorch 2.13 refuses the mix). Each of those replicas
+    averages its gradient slices over the data-parallel ranks itself, as soon as backward has
+    produced each one (:func:`average_when_ready`): DDP's idea, without its buckets."""
+    if any(hasattr(param, "device_mesh") for param in model.parameters()):
+        return average_when_ready(model, mesh.get_group())
+    device = next(model.parameters()).device
+    return wrap(model, device, mesh.get_group())
+
+
+def average_when_ready(model: nn.Module, group) -> nn.Module:
+    """``model`` (in place) with a hook on every parameter that all-reduces its gradient over
+    ``group`` and divides by the group's size the moment backward has accumulated it; a DTensor
+    gradient (a tensor-parallel slice) is averaged slice by slice. Every replica runs the same
+    backward, so the hooks meet in the same order on every rank."""
+    world_size = dist.get_world_size(group)
+
+    def average(param: torch.Tensor) -> None:
+        grad = param.grad.to_local() if hasattr(param.grad, "to_local") else param.grad
+        dist.all_reduce(grad, group=group)  # in place (a view of the DTensor's slice)
+        grad /= world_size
+
+    for param in model.parameters():
+        param.register_post_accumulate_grad_hook(average)
+    return model
 
 
 def average_gradients(model: nn.Module, group=None) -> None:
@@ -83,7 +114,7 @@ def time_sync(model_name: str, batch_size: int, num_steps: int = 10, seed: int =
     X = models.prepare_input(model_name, X)
     model = models.build(model_name, seed=seed).to(me.device)
     trained = wrap(model, me.device)
-    optimizer = loop.make_optimizer(model, lr=0.01)
+    optimizer = models.make_optimizer(model, lr=0.01)
     times = {"synced_s": [], "no_sync_s": [], "data_s": []}
     for step in range(2 * num_steps + 2):  # the first pair warms up and is not counted
         start = time.perf_counter()

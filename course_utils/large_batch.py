@@ -3,6 +3,10 @@ CNN on a fixed budget of samples, with the linear scaling rule and gradual warmu
 2017, arXiv:1706.02677), tested as it goes; and a race of such runs to a target accuracy on 1 and
 N workers, measured in turns.
 
+The rules themselves are small functions: :func:`scaled_lr` (the linear scaling rule),
+:func:`warmup_lr` (gradual warmup), :func:`scheduled` (a schedule applied before each step, as a
+``step_fn`` for :func:`course_utils.loop.fit`) and :func:`time_to_target`.
+
 :func:`train` runs in this process, or on every worker of a process group: then each rank takes
 its shard of every global batch and :func:`course_utils.ddp.hand_step` averages the gradients, so
 the arithmetic is the same as one process's (lesson 05, section 2).
@@ -10,12 +14,54 @@ the arithmetic is the same as one process's (lesson 05, section 2).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
 
 from course_utils import collectives, data, ddp, launch, loop, measure, models
+
+
+def scaled_lr(base_lr: float, batch_size: int, base_batch_size: int) -> float:
+    """The linear scaling rule (Goyal et al. 2017, "Accurate, Large Minibatch SGD",
+    arXiv:1706.02677): a batch ``k`` times bigger gets a learning rate ``k`` times bigger."""
+    if batch_size < 1 or base_batch_size < 1:
+        raise ValueError(f"batch sizes must be at least 1, got {batch_size} and {base_batch_size}")
+    return base_lr * batch_size / base_batch_size
+
+
+def warmup_lr(step: int, lr: float, warmup_steps: int, start_lr: float) -> float:
+    """The learning rate of ``step`` (counted from 0) under gradual warmup: ``start_lr`` at step
+    0, rising by the same amount each step to ``lr`` at step ``warmup_steps``, then ``lr``."""
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return lr
+    return start_lr + (lr - start_lr) * step / warmup_steps
+
+
+def scheduled(step_fn: Callable, schedule: Callable[[int], float], first_step: int = 0) -> Callable:
+    """``step_fn`` with a learning-rate schedule, a drop-in ``step_fn`` for
+    :func:`course_utils.loop.fit`: before each step every parameter group of the optimizer gets
+    ``schedule(step)``, with steps counted from ``first_step`` (a resumed run continues its
+    schedule)."""
+    step = first_step
+
+    def step_with_schedule(model, optimizer, X, y):
+        nonlocal step
+        for group in optimizer.param_groups:
+            group["lr"] = schedule(step)
+        step += 1
+        return step_fn(model, optimizer, X, y)
+
+    return step_with_schedule
+
+
+def time_to_target(curve: Iterable[tuple[float, float]], target: float) -> float | None:
+    """The first time of ``curve`` (``(seconds, accuracy)`` pairs, in order) at which the accuracy
+    reached ``target``; None if it never did."""
+    for seconds, accuracy in curve:
+        if accuracy >= target:
+            return seconds
+    return None
 
 
 def train(
@@ -44,11 +90,11 @@ def train(
     X_test, y_test = data.mnist("test", limit=test_size)
     X_test, y_test = X_test[rank::world_size], y_test[rank::world_size]  # each tests a part
     model = models.build("cnn", seed=seed)
-    optimizer = loop.make_optimizer(model, lr)
+    optimizer = models.make_optimizer(model, lr)
     num_steps = num_samples // batch_size
 
     def schedule(step: int) -> float:  # gradual warmup, then lr
-        return loop.warmup_lr(step, lr, warmup_steps, min(start_lr, lr))
+        return warmup_lr(step, lr, warmup_steps, min(start_lr, lr))
 
     curve: list[tuple[int, float, float]] = []
 
@@ -77,7 +123,7 @@ def train(
             batches(),
             num_steps,
             batch_size=batch_size,
-            step_fn=loop.scheduled(step, schedule),
+            step_fn=scheduled(step, schedule),
             reduce=collectives.all_reduce_sum if distributed else None,
             on_step=on_step,
             progress=False,
@@ -132,7 +178,7 @@ def race(
     rates = measure.interleaved(settings, repeats, progress=progress)
     out = {}
     for name, runs in results.items():
-        times = [loop.time_to_target([(s, a) for _, s, a in r["curve"]], target) for r in runs]
+        times = [time_to_target([(s, a) for _, s, a in r["curve"]], target) for r in runs]
         out[name] = {
             "samples_per_s": rates[name],
             "seconds": measure.spread(times) if None not in times else None,

@@ -8,19 +8,27 @@ sample of that noise as much as of the code. So the course measures like this:
 - :func:`interleaved`: several settings measured in turns (A B C, A B C, ...), so that a burst of
   load elsewhere hits them alike, and :func:`ratios` of paired repeats (A_i / B_i);
 - :class:`Watch`: how many cores *other* programs kept busy while a block of measurements ran,
-  and :meth:`Watch.note`, one line to print beside a figure.
-
-Pure Python, no torch: it can be imported anywhere, first.
+  and :meth:`Watch.note`, one line to print beside a figure;
+- :func:`throughput` and :func:`step_phases`: what one training step costs on this machine,
+  in samples per second through :func:`course_utils.loop.fit`, and in seconds of its forward,
+  backward and optimizer phases (lesson 01).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from course_utils import loop
 
 NOISY = 0.20  # repeats that differ by more than this (max / min - 1) make a point noisy
 QUIET_CORES = 0.25  # other programs using less than this many cores: a quiet machine
@@ -169,3 +177,83 @@ class Watch:
             f"While measuring, {busy}: parallel speedups measured meanwhile may be lower and "
             "noisier than on a quiet machine."
         )
+
+
+def step_phases(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    repeats: int = 5,
+) -> dict[str, float]:
+    """Mean seconds of each phase of a training step: forward, backward, optimizer (lesson 01)."""
+    totals = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+    for i in range(repeats + 1):  # the first repeat warms up and is not counted
+        optimizer.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(model(X), y)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        optimizer.step()
+        t3 = time.perf_counter()
+        if i:
+            totals["forward"] += t1 - t0
+            totals["backward"] += t2 - t1
+            totals["optimizer"] += t3 - t2
+    return {k: v / repeats for k, v in totals.items()}
+
+
+def throughput(
+    model: nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    threads: int | None = None,
+    num_steps: int = 10,
+    lr: float = 0.01,
+    microbatches: int = 1,
+) -> float:
+    """Training samples per second of ``model`` at this batch size and thread count; with
+    ``microbatches``, each step accumulates the gradients of that many equal pieces of the batch
+    (the arithmetic a pipeline does, on one device).
+
+    Trains a throwaway copy, so the caller's model is untouched."""
+    model = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    step_fn = loop.train_step if microbatches == 1 else _accumulating(microbatches)
+    with loop.num_threads(threads):
+        history = loop.fit(
+            model,
+            optimizer,
+            _cycle(X, y, batch_size),
+            num_steps + 1,
+            step_fn=step_fn,
+            progress=False,
+        )
+    return history.samples_per_s
+
+
+def _accumulating(microbatches: int) -> Callable:
+    """A step that runs the batch as ``microbatches`` pieces, summing their gradients."""
+
+    def step(model, optimizer, X, y):
+        optimizer.zero_grad(set_to_none=True)
+        losses, correct = [], 0
+        for X_m, y_m in zip(X.chunk(microbatches), y.chunk(microbatches)):
+            logits = model(X_m)
+            loss = F.cross_entropy(logits, y_m) / microbatches  # its share of the batch mean
+            loss.backward()
+            losses.append(loss.detach())
+            correct = correct + (logits.argmax(dim=1) == y_m).sum()
+        optimizer.step()
+        return torch.stack(losses).sum(), correct
+
+    return step
+
+
+def _cycle(X: torch.Tensor, y: torch.Tensor, batch_size: int):
+    """Endless batches in order (for timing, where which samples doesn't matter)."""
+    while True:
+        for i in range(0, len(X) - batch_size + 1, batch_size):
+            yield X[i : i + batch_size], y[i : i + batch_size]

@@ -1,6 +1,7 @@
 """The article's CNN and RNN, corrected, an RNN written straight from its formula, and a small
 transformer (lessons 06-09: many identical blocks, the model that pipeline and tensor parallelism
-are made for).
+are made for); and how the course trains them (:func:`make_optimizer`: SGD with momentum, or
+AdamW).
 
 The source article's code had three bugs, fixed here. The course numbers them once, and lessons 01
 (bugs 1 and 2, the CNN) and 02 (bug 3, the RNN) use the same numbers:
@@ -186,3 +187,22 @@ def prepare_input(name: str, X: torch.Tensor) -> torch.Tensor:
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+OPTIMIZERS = ("sgd", "adamw")  # the choices of --optimizer
+
+
+def make_optimizer(model, lr: float, kind: str = "sgd") -> torch.optim.Optimizer:
+    """The course's optimizers: SGD with momentum 0.9 everywhere by default (the article used
+    plain SGD), or AdamW (weight decay 0.05), which transformers train better with. ``model``: a
+    module, or the tensors to train (ZeRO's shards)."""
+    params = list(model.parameters() if isinstance(model, nn.Module) else model)
+    # foreach: one call per operation for all tensors together, not one per tensor (PyTorch
+    # picks it only on GPUs): on sharded DTensors (FSDP) every call costs a Python dispatch. It
+    # can't mix DTensors with plain tensors (tensor parallel leaves the norms whole).
+    foreach = len({hasattr(p, "device_mesh") for p in params}) <= 1
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, foreach=foreach)
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.05, foreach=foreach)
+    raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {kind!r}")

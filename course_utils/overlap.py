@@ -20,7 +20,6 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from course_utils import data, loop, models, profiling
-from course_utils.debugging import step_events
 from course_utils.measure import spread
 from course_utils.readout import Reading, table
 
@@ -31,11 +30,6 @@ def _length(spans: Sequence[Sequence[float]]) -> float:
     return sum(end - start for start, end in spans)
 
 
-def _labelled(*names: str) -> Callable[[dict], bool]:
-    """Selects the course's labelled spans (``record_function``) of these names."""
-    return lambda e: e["name"] in names and e.get("cat") == "user_annotation"
-
-
 def step_rows(events: Sequence[dict], num_steps: int, **tags) -> list[dict]:
     """One row per profiled step of one rank's trace: the step's length, its compute (the
     labelled phases) and its communication (ms), the share of that communication inside the
@@ -43,11 +37,11 @@ def step_rows(events: Sequence[dict], num_steps: int, **tags) -> list[dict]:
     of ``gloo:all_reduce`` events, and the ``tags`` given (e.g. ``round=0, rank=1``)."""
     rows = []
     for step in range(1, num_steps + 1):
-        one = step_events(events, step)
+        one = profiling.step_events(events, step)
         step_span = next(e for e in one if e["name"].startswith("ProfilerStep#"))
         comm = profiling.intervals(one, lambda e: profiling.is_communication(e["name"]))
-        backward = profiling.intervals(one, _labelled("backward"))
-        compute = profiling.intervals(one, _labelled(*profiling.PHASES))
+        backward = profiling.intervals(one, lambda e: profiling.is_phase(e, ("backward",)))
+        compute = profiling.intervals(one, profiling.is_phase)
         comm_us = _length(comm)
         rows.append(
             {
@@ -111,7 +105,7 @@ def profile_steps(
     rank, world_size = dist.get_rank(), dist.get_world_size()
     X, y = data.mnist("train", limit=batch_size * (num_steps + warmup_steps))
     model = models.build("cnn", seed=0)
-    optimizer = loop.make_optimizer(model, lr=0.01)
+    optimizer = models.make_optimizer(model, lr=0.01)
     trained = model
     if step_fn == "ddp":  # the course's step: labels forward, backward (DDP's all-reduces), ...
         trained = DistributedDataParallel(model, bucket_cap_mb=bucket_cap_mb)

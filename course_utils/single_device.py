@@ -3,7 +3,7 @@
 - :func:`throughput_sweep`: training samples/s for every (batch size, threads) setting, all
   settings measured in turns (:func:`course_utils.measure.interleaved`) with a progress bar;
 - :func:`phase_sweep`: the forward, backward and optimizer milliseconds of a step
-  (:func:`course_utils.loop.time_step_phases`) at several batch sizes, in turns;
+  (:func:`course_utils.measure.step_phases`) at several batch sizes, in turns;
 - :func:`neighbour_ratios`: how a measurement grew from each size of a sweep to the next, as
   paired ratios of the repeats of the same round (lesson 02's doublings of T and of the batch).
 
@@ -18,8 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from course_utils import loop
-from course_utils.measure import Spread, interleaved, ratios, spread
+from course_utils.measure import Spread, interleaved, ratios, spread, step_phases, throughput
 
 __all__ = ["throughput_sweep", "phase_sweep", "neighbour_ratios", "PHASES"]
 
@@ -34,7 +33,7 @@ def throughput_sweep(
     thread_counts: Sequence[int],
     num_steps: int,
     repeats: int,
-    measure: Callable[..., float] = loop.measure_throughput,
+    measure: Callable[..., float] = throughput,
 ) -> dict[int, dict[int, Spread]]:
     """``{batch size: {threads: Spread of samples/s}}``; every setting once per round, in turns,
     so the repeats of one round pair up (:func:`course_utils.measure.ratios`)."""
@@ -66,7 +65,7 @@ def phase_sweep(
     with tqdm(total=repeats * len(batch_sizes), desc="step phases", leave=False) as bar:
         for _ in range(repeats):
             for b in batch_sizes:
-                seconds = loop.time_step_phases(model, optimizer, X[:b], y[:b], steps_per_repeat)
+                seconds = step_phases(model, optimizer, X[:b], y[:b], steps_per_repeat)
                 rounds[b].append({name: 1e3 * s for name, s in seconds.items()})
                 bar.update()
     phases = {b: {n: spread(r[n] for r in rs) for n in PHASES} for b, rs in rounds.items()}

@@ -19,14 +19,16 @@ dim squared, so tensor parallelism pays for wide layers on fast links (inside on
 
 Then the same with PyTorch's DTensor: :func:`plan` for ``parallelize_module``
 (``ColwiseParallel``, ``RowwiseParallel``, and ``SequenceParallel`` for the norms) on a
-``DeviceMesh`` (:func:`mesh`, 1-D or data x tensor parallel). Lesson 09 writes the operators, the
-layers and the blocks by hand under these names and signatures; ``tests/test_tp_lesson.py`` checks
-that they give the same outputs and gradients. :func:`timed_steps` and :func:`sweep` measure steps
-split and whole, for the lesson's width and batch sweep.
+``DeviceMesh``: :func:`apply`, the room's face (:mod:`course_utils.parallelize` lays out the mesh,
+1-D or data x tensor parallel, and applies the axes in order). Lesson 09 writes the operators, the
+layers and the blocks by hand under these names and signatures;
+``tests/test_tensor_parallel_figures.py`` checks that they give the same outputs and gradients.
+:mod:`course_utils.tp_timing` measures steps split and whole, for the lesson's sweep.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 
 import torch
@@ -179,7 +181,7 @@ def gather_by_hand(model: nn.Module, group=None, grads: bool = False) -> dict[st
     return out
 
 
-# --- with DTensor: the plans, the mesh -----------------------------------------------------------
+# --- with DTensor: the plan, applied to a mesh ---------------------------------------------------
 
 
 def plan(model: models.Transformer, sequence_parallel: bool = False) -> dict:
@@ -230,8 +232,8 @@ def config_error(model_name: str, tp: int, nproc: int, **sizes) -> str | None:
         return f"--model {model_name} has no tensor-parallel plan (only the transformer has)"
     if tp < 1 or nproc % tp:
         return f"--nproc {nproc} is not a multiple of the tensor-parallel size {tp}"
-    defaults = models.Transformer.__init__.__defaults__  # dim, heads, hidden, depth, patch
-    dim, heads, hidden = (sizes.get(k, d) for k, d in zip(("dim", "heads", "hidden"), defaults))
+    defaults = inspect.signature(models.Transformer).parameters  # the model's sizes, by name
+    dim, heads, hidden = (sizes.get(k, defaults[k].default) for k in ("dim", "heads", "hidden"))
     for what, n in (("heads", heads), ("width", dim), ("MLP width", hidden)):
         if n % tp:
             return (
@@ -240,71 +242,10 @@ def config_error(model_name: str, tp: int, nproc: int, **sizes) -> str | None:
     return None
 
 
-def mesh(dp: int, tp: int, device_type: str = "cpu"):
-    """A 2-D ``DeviceMesh`` of ``dp`` x ``tp`` ranks, named ("dp", "tp"): ranks r*tp .. r*tp+tp-1
-    form a tensor-parallel group (neighbours: one node), the ranks with the same tp index a
-    data-parallel group."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    return init_device_mesh(device_type, (dp, tp), mesh_dim_names=("dp", "tp"))
-
-
-def role(cfg, me):
-    """``--parallel tp`` (every rank one tensor-parallel slice of the model) or ``--parallel ddp
-    --tp T`` (``nproc / T`` replicas, each split over ``T`` ranks; with ``fsdp``, the replicas'
-    slices sharded again over the data-parallel ranks, FSDP2 on the mesh's "dp" axis): this rank's
-    :class:`course_utils.loop.Role`, and a function that gathers the whole trained model on every
-    rank (a collective). The ranks of a tensor-parallel group read the same batch; the replicas
-    each read their slice, and average their gradients over the data-parallel group."""
-    from functools import partial
-
+def apply(model: models.Transformer, mesh, sequence_parallel: bool = False) -> nn.Module:
+    """Tensor parallel, the composing module's step 1 (:mod:`course_utils.parallelize`):
+    ``model`` split in place over ``mesh`` (its tensor-parallel ranks) by :func:`plan`, each rank
+    keeping its slices of every block's attention and MLP as DTensors."""
     from torch.distributed.tensor.parallel import parallelize_module
 
-    from course_utils import ddp, loop
-
-    tp_size = me.world_size if cfg.parallel == "tp" else cfg.tp
-    dp_size = me.world_size // tp_size
-    grid = mesh(dp_size, tp_size, me.device.type)
-    model = models.build(cfg.model, seed=cfg.seed).to(me.device)  # same weights on every rank
-    parallelize_module(model, grid["tp"], plan(model))  # now each rank holds its slices
-    sharded = cfg.parallel == "fsdp"  # and the slices sharded again over the replicas (FSDP2)
-    if sharded:
-        from course_utils import sharding
-
-        units = sharding.grouped_units(model)
-        sharding.fully_sharded(model, grid["dp"], reshard_after_forward=None, units=units)
-    optimizer = loop.make_optimizer(model, cfg.lr, cfg.optimizer)
-    dp_group = grid["dp"].get_group()
-    if sharded or dp_size == 1:  # FSDP averages the gradients itself
-        step_fn = loop.train_step
-    else:
-        step_fn = partial(ddp.hand_step, group=dp_group)
-
-    def global_sum(stats: torch.Tensor) -> torch.Tensor:  # one copy per replica, not per rank
-        dist.all_reduce(stats, group=dp_group)
-        return stats
-
-    part = loop.Role(
-        model,
-        optimizer,
-        model=model,
-        data_rank=grid["dp"].get_local_rank(),
-        data_world_size=dp_size,
-        step_fn=step_fn,
-        reduce=global_sum,
-        is_main=me.is_main,
-        params=[(name, 0, param) for name, param in model.named_parameters()],
-        info={"mesh": {"dp": dp_size, "tp": tp_size}},
-        sharded=sharded,
-    )
-
-    def trained() -> nn.Module:
-        whole = models.build(cfg.model)
-        state = {
-            n: p.full_tensor() if hasattr(p, "full_tensor") else p
-            for n, p in model.state_dict().items()
-        }
-        whole.load_state_dict({n: t.detach().cpu() for n, t in state.items()})
-        return whole
-
-    return part, trained
+    return parallelize_module(model, mesh, plan(model, sequence_parallel))

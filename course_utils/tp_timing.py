@@ -36,9 +36,9 @@ def timed_steps(how: str, width: int, batch: int, steps: int, seed: int = 0) -> 
     if how == "by hand":
         tp.parallelize_by_hand(model)
     elif how == "DTensor":
-        from torch.distributed.tensor.parallel import parallelize_module
+        from torch.distributed.device_mesh import init_device_mesh
 
-        parallelize_module(model, tp.mesh(1, dist.get_world_size())["tp"], tp.plan(model))
+        tp.apply(model, init_device_mesh("cpu", (dist.get_world_size(),)))
     elif how != "one process":
         raise ValueError(f"how must be one of {HOWS}, got {how!r}")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)

@@ -1,14 +1,14 @@
-"""The course's training entry point (contract in docs/command_line.md), one run top to bottom.
+"""The course's training entry point (contract in docs/architecture.md), one run top to bottom.
 
     python -m course_utils.train --model rnn --steps 200 --eval
     python -m course_utils.train --model cnn --parallel ddp --nproc 2 --json out.json
 
 The path of a run: :func:`main` parses and validates (:mod:`course_utils.config`), :func:`run`
 starts ``--nproc`` workers (:func:`course_utils.launch.run`; ``--parallel none`` trains in this
-process), and every worker runs :func:`train_worker`: this rank's part in the strategy
-(:func:`role`), resume from a checkpoint, :func:`course_utils.loop.fit`, the results. Under
-``torchrun`` (commands in docs/command_line.md) each process is already one worker:
-:func:`under_torchrun`.
+process), and every worker runs :func:`train_worker`: this rank's part in the run (the model
+built and parallelized by :func:`course_utils.parallelize.role`), resume from a checkpoint,
+:func:`course_utils.loop.fit`, the results. Under ``torchrun`` (commands in
+docs/command_line.md) each process is already one worker: :func:`under_torchrun`.
 """
 
 from __future__ import annotations
@@ -17,71 +17,28 @@ import importlib
 import os
 import sys
 import time
-from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
 from course_utils import (
     checkpoint,
-    collectives,
     data,
-    ddp,
     files,
     launch,
     loop,
     models,
+    parallelize,
     profiling,
     sharding,
-    tensor_parallel,
 )
 from course_utils.config import RunConfig, UsageError, parse, validate
-from course_utils.pipeline import worker as pipeline_worker
 
 SYNC_EVERY = 16  # steps between the sums of the workers' metrics (without --checkpoint-every)
 # Failures one line explains (exit 1): a diverging loss, a changed checkpoint, a full disk
 FAILURES = (loop.NonFiniteLoss, checkpoint.CheckpointError, checkpoint.SaveError, files.WriteError)
-
-
-def role(cfg: RunConfig, me: launch.Worker) -> tuple[loop.Role, Callable[[], nn.Module | None]]:
-    """This rank's part in the run, by strategy, and a function that returns the whole trained
-    model on the main rank (None elsewhere; for pipelines a collective every rank calls)."""
-    if cfg.parallel == "pipeline":  # this rank holds one stage: see course_utils.pipeline
-        part, pipe = pipeline_worker.role(cfg, cfg.device)
-
-        def trained() -> nn.Module | None:
-            state = pipe.full_state()  # gathered from every stage onto rank 0
-            if state is None:
-                return None
-            model = models.build(cfg.model)
-            model.load_state_dict(state)
-            return model
-
-        return part, trained
-    if cfg.parallel == "tp" or cfg.tp > 1:  # layers split (and sharded): tensor_parallel
-        return tensor_parallel.role(cfg, me)
-    if cfg.parallel == "fsdp":  # parameters, gradients, optimizer state sharded: ZeRO-3
-        return sharding.role(cfg, me)
-    model = models.build(cfg.model, seed=cfg.seed).to(me.device)  # same weights on every rank
-    optimizer = loop.make_optimizer(model, cfg.lr, cfg.optimizer)
-    params = [(name, 0, param) for name, param in model.named_parameters()]  # the whole model
-    if cfg.parallel == "ddp":  # a replica per rank, each reading its slice of the global batch
-        part = loop.Role(
-            ddp.wrap(model, me.device),
-            optimizer,
-            model=model,
-            data_rank=me.rank,
-            data_world_size=me.world_size,
-            reduce=collectives.all_reduce_sum,  # the loss of the global batch, on every rank
-            is_main=me.is_main,
-            params=params,
-        )
-    else:
-        part = loop.Role(model, optimizer, model=model, params=params)
-    return part, lambda: model
 
 
 def train_worker(
@@ -93,7 +50,7 @@ def train_worker(
     ``resume``: ``(name, sha256)`` of what the caller verified (:func:`_reserve`), or None."""
     me = launch.worker(cfg.device)
     torch.set_num_threads(cfg.threads_per_worker)
-    part, trained = role(cfg, me)
+    part, trained = parallelize.role(cfg, me)  # this rank's share of the model, by strategy
     images, labels = data.load("train", data_dir=cfg.data_dir)
     X, y = models.prepare_input(cfg.model, data.normalize(images)), torch.as_tensor(labels)
 
@@ -133,6 +90,7 @@ def train_worker(
         augment=cfg.augment,
     )
     workers = f"{me.world_size} worker{'s' if me.world_size > 1 else ''}"
+    peak = sharding.PeakState(part.module, part.optimizer)  # the fullest moment of 2 steps
     run = loop.fit(
         part.module,
         part.optimizer,
@@ -150,6 +108,7 @@ def train_worker(
         # a checkpoint's steps are among them, so that it holds every step's loss
         sync_every=cfg.checkpoint_every or SYNC_EVERY,
     )
+    peak.remove()  # a run of fewer than two steps: stop watching all the same
     profile = None
     if recorder is not None:
         profile = profiling.summary(recorder.stop(), recorder.active)
@@ -175,7 +134,8 @@ def train_worker(
         "backend": dist.get_backend() if dist.is_initialized() else "none",
         "device": str(me.device),
         "state_bytes_per_rank": held["total"],  # parameters + gradients + optimizer, rank 0
-        "state_bytes": held,
+        "state_bytes": held,  # between steps
+        "peak_state_bytes": peak.bytes,  # the same parts at a step's fullest (FSDP's gathers)
         **part.info,
         **({"profile_summary": profile} if profile else {}),
     }

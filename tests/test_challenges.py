@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from course_utils import challenges, data, faq, hardware, interpret, launch, models
+from course_utils import challenges, cost_model, data, hardware, interpret, launch, models
 
 
 def test_the_linear_model_counts_one_multiply_add_per_pixel_and_class():
@@ -99,13 +99,13 @@ def test_bf16_units_reads_the_cpu_flags():
 
 
 def test_the_transformer_job_follows_its_formulas():
-    job = faq.transformer_job(12 * 24 * 1024**2, 1e11)  # hidden 1024
+    job = cost_model.transformer_job(12 * 24 * 1024**2, 1e11)  # hidden 1024
     assert job["activation_bytes_per_sample"] == pytest.approx(34 * 1024 * 1024 * 24)
     assert job["boundary_bytes_per_sample"] == pytest.approx(2 * 1024 * 1024)
     assert job["flops_per_sample"] == pytest.approx(2 * 12 * 24 * 1024**2 * 1024)
-    small_fast = faq.choose_parallelism(8, **faq.transformer_job(1e8, 3e11))
+    small_fast = cost_model.choose_parallelism(8, **cost_model.transformer_job(1e8, 3e11))
     assert small_fast.strategy == "data"
-    huge = faq.choose_parallelism(8, **faq.transformer_job(1e11, 3e11))
+    huge = cost_model.choose_parallelism(8, **cost_model.transformer_job(1e11, 3e11))
     assert huge.strategy == "does not fit" and math.isinf(huge.step_s)
 
 

@@ -1,4 +1,4 @@
-"""The training entry point's contract (docs/command_line.md): JSON keys, bad input, determinism."""
+"""The training entry point's contract (docs/architecture.md): JSON keys, bad input, determinism."""
 
 import json
 

@@ -42,7 +42,7 @@ def hand_written_vs_ddp(model_name: str, batch_size: int, steps: int):
             trained, step_fn = model, ddp.hand_step
         else:
             trained, step_fn = torch.nn.parallel.DistributedDataParallel(model), loop.train_step
-        optimizer = loop.make_optimizer(model, lr=0.01)
+        optimizer = models.make_optimizer(model, lr=0.01)
         batches = data.batches(X, y, batch_size, steps, 0, me.rank, me.world_size)
         history = loop.fit(
             trained,
@@ -117,7 +117,7 @@ def test_a_resumed_run_ends_like_an_uninterrupted_one(tmp_path, parallel, nproc)
     model = models.build("cnn", seed=3)
     model.load_state_dict(final["model"])
     reference = models.build("cnn", seed=3)
-    optimizer = loop.make_optimizer(reference, 0.01)
+    optimizer = models.make_optimizer(reference, 0.01)
     X, y = data.mnist("train")
     loop.fit(reference, optimizer, data.batches(X, y, 32, 8, seed=3), 8, progress=False)
     for a, b in zip(model.parameters(), reference.parameters()):
@@ -182,7 +182,7 @@ def test_the_loop_sums_the_workers_metrics_every_few_steps_and_keeps_every_step(
 
     def run(sync_every, lr=0.01):
         model = cu.models.build("cnn", seed=0)
-        optimizer = cu.loop.make_optimizer(model, lr)
+        optimizer = cu.models.make_optimizer(model, lr)
         batches = cu.data.batches(X, y, 32, 10, 0)
         return cu.loop.fit(
             model, optimizer, batches, 10, reduce=counted_sum, progress=False, sync_every=sync_every
@@ -199,7 +199,7 @@ def test_the_loop_sums_the_workers_metrics_every_few_steps_and_keeps_every_step(
     model = cu.models.build("cnn", seed=0)  # fewer batches than steps: every trained step kept
     short = cu.loop.fit(
         model,
-        cu.loop.make_optimizer(model, 0.01),
+        cu.models.make_optimizer(model, 0.01),
         cu.data.batches(X, y, 32, 6, 0),
         10,
         progress=False,

@@ -25,10 +25,10 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from test_faults import HANG_GUARD_S, mnist_folder, write_idx
+from faults import HANG_GUARD_S, mnist_folder, write_idx
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from course_utils import checkpoint, data, files, launch, train
+from course_utils import checkpoint, data, files, launch, parallelize, train
 from course_utils.config import RunConfig
 
 SMALL = dict(batch_size=16, steps=2, checkpoint_every=1)  # latest: step 2, previous: step 1
@@ -330,14 +330,14 @@ def test_a_wrongly_shaped_weight_is_refused_not_broadcast(saved, tmp_path, capsy
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1, err
     assert "conv1.weight has shape [1, 1, 5, 5], the model's [32, 1, 5, 5]" in err
-    part, _ = train.role(RunConfig(), launch.worker("cpu"))  # and a worker's own copy refuses
+    part, _ = parallelize.role(RunConfig(), launch.worker("cpu"))  # a worker's own copy refuses
     with pytest.raises(checkpoint.CheckpointError, match="conv1.weight is \\[1, 1, 5, 5\\]"):
         checkpoint.load_into(part, state)
 
 
 def load_into_fsdp(folder: str):
     cfg = RunConfig(parallel="fsdp", nproc=1)
-    part, _ = train.role(cfg, launch.worker("cpu"))
+    part, _ = parallelize.role(cfg, launch.worker("cpu"))
     state, _ = checkpoint.latest(folder)
     checkpoint.load_into(part, state)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import run_cli
-from test_faults import TORCHRUN_VARIABLES, mnist_folder, snapshot, write_idx
+from faults import TORCHRUN_VARIABLES, mnist_folder, snapshot, write_idx
 
 from course_utils import config, data, hardware, launch, train
 from course_utils.config import RunConfig, UsageError

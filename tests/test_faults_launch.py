@@ -3,7 +3,8 @@ to blame when a collective times out (issue 23, items 3 and 9).
 
 1. torchrun on one machine, run as the README runs it: every socket its agent and its workers
    listen on is on loopback; every other one-machine torchrun command of the docs uses the same
-   flags; the workers' own rendezvous (``env://`` at a loopback address) stays on loopback.
+   flags; the workers' own rendezvous (``env://`` at a loopback address) stays on loopback, and
+   so do the workers of the course's launcher.
 2. A collective that times out: the error names the rank it waited for (stopped by SIGSTOP, in a
    plain collective or a DDP step, or busy elsewhere, with its stack), not only the rank that gave
    up; ranks that all waited are not blamed; the error comes back even when freeing the failed
@@ -25,7 +26,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import ROOT, workers_left
-from test_faults import HANG_GUARD_S, listening_addresses
+from faults import HANG_GUARD_S
 from torch.nn.parallel import DistributedDataParallel
 
 from course_utils import launch
@@ -177,6 +178,41 @@ def test_every_one_machine_torchrun_command_in_the_docs_uses_the_loopback_flags(
         for name, value in rendezvous.TORCHRUN_ENV.items():
             exported = re.search(rf"^\s*export .*\b{name}={value}\b", block, re.MULTILINE)
             assert variables.get(name) == value or exported, f"{path} lacks {name}: {command}"
+
+
+def listening_addresses() -> list[str]:
+    """The local addresses of this process's listening TCP sockets (Linux /proc)."""
+    inodes = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    addresses = []
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and inode in inodes:  # 0A: LISTEN
+                raw = bytes.fromhex(local.split(":")[0])
+                raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                addresses.append(socket.inet_ntop(family, raw))
+    return addresses
+
+
+def gloo_listens_on():
+    t = torch.ones(1)
+    dist.all_reduce(t)  # gloo has connected the pair of ranks
+    return listening_addresses(), os.environ.get("GLOO_SOCKET_IFNAME")
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads /proc/net (Linux)")
+def test_workers_on_one_machine_listen_on_loopback_only():
+    for addresses, interface in launch.run(gloo_listens_on, 2, device="cpu"):
+        assert interface == launch.rendezvous.loopback_interface()
+        assert addresses and all(a in ("127.0.0.1", "::1") for a in addresses), addresses
 
 
 def env_rendezvous_listens_on():

@@ -1,5 +1,6 @@
 """The launcher: results by rank, the torchrun environment, threads, fork and spawn, no orphans.
-(What happens when a worker fails, hangs or is interrupted: tests/test_faults.py.)"""
+(What happens when a worker fails or hangs: tests/test_faults_workers.py; when its caller is
+interrupted: tests/test_faults_signals.py.)"""
 
 import datetime
 import os
@@ -217,3 +218,29 @@ def test_a_script_read_from_standard_input_spawns_its_workers(tmp_path):
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert done.returncode == 0 and done.stdout.strip() == "[10, 11]", done.stderr[-2000:]
+
+
+def test_spawned_workers_leave_no_semaphore_behind(tmp_path):
+    # tqdm makes a lock with a process's first progress bar (loop.fit makes one in every worker,
+    # shown or not): under spawn a named semaphore, which a worker leaving through os._exit, or
+    # stopped by the caller on its way out, left behind, and the caller's resource tracker warned
+    # "There appear to be 2 leaked semaphore objects to clean up at shutdown" when it ended
+    script = tmp_path / "bench.py"
+    script.write_text(
+        "import multiprocessing\n"
+        "import torch.distributed as dist\n"
+        "from tqdm.auto import tqdm\n"
+        "from course_utils import launch\n"
+        "held = []\n"
+        "def rank_with_a_lock():\n"
+        "    held.append(multiprocessing.RLock())  # kept for the worker's life, as tqdm's is\n"
+        "    tqdm(total=1, disable=True).close()\n"
+        "    return dist.get_rank()\n"
+        "if __name__ == '__main__':\n"
+        "    print(launch.run(rank_with_a_lock, 2, start_method='spawn', threads=1, timeout=60))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "[0, 1]", done.stderr[-2000:]
+    assert "leaked semaphore" not in done.stderr, done.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""The package's shape (docs/command_line.md, "Layout of the repository"): one module per idea,
+"""The package's shape (docs/architecture.md, "Layers" and "The rooms"): one module per idea,
 none too long, imports running one way, and settings passed as parameters rather than through
 environment variables."""
 
@@ -13,14 +13,23 @@ MODULES = sorted(PACKAGE.rglob("*.py"))
 MAX_LINES = 350  # "a file past ~300 lines is asking to be split" (the project's style guide)
 
 # Layers from the bottom up: a module imports from its own layer or the ones below, never above.
-# (notebooks -> widgets -> plots; train -> strategies -> launch, collectives, checkpoint -> loop,
-# models, data, hardware.)
+# (notebooks -> widgets -> plots; train -> parallelize -> strategies -> launch, collectives,
+# checkpoint -> loop, models, data, hardware.)
 LAYERS = [
     {"hardware", "data", "models", "loop", "measure", "readout", "scaling", "interpret"}
     | {"debugging", "single_device"},
     {"launch", "collectives", "checkpoint", "files", "profiling", "overlap"},
-    {"ddp", "sharding", "pipeline", "tensor_parallel", "tp_timing", "faq", "challenges", "restart"},
-    {"config", "train", "large_batch", "scaling_runs"},
+    {
+        "ddp",
+        "sharding",
+        "pipeline",
+        "tensor_parallel",
+        "tp_timing",
+        "cost_model",
+        "challenges",
+        "restart",
+    },
+    {"parallelize", "config", "train", "large_batch", "scaling_runs"},
     {"plots"},
     {"widgets"},
 ]
@@ -48,9 +57,7 @@ def imports(path) -> set[str]:
 
 def test_every_module_in_the_package_has_a_place_in_the_layers():
     tops = {top_module(p) for p in MODULES} - {"__init__"}
-    assert tops == set(LAYER), (
-        "add new modules to LAYERS (and to the layout in docs/command_line.md)"
-    )
+    assert tops == set(LAYER), "add new modules to LAYERS (and to docs/architecture.md)"
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
@@ -88,3 +95,46 @@ def test_settings_travel_as_parameters_not_environment_variables():
     assert writers == ["__init__.py", "launch/worker.py"]  # OpenMP's wait policy; torchrun's
     for notebook in (ROOT / "notebooks").glob("*.ipynb"):
         assert "use_gpu" not in notebook.read_text(), notebook.name
+
+
+# The strategies (docs/architecture.md, "Rooms"): each applies one axis to a model, with the same
+# face, and only the composing module puts them together.
+STRATEGIES = {"ddp", "sharding", "tensor_parallel", "pipeline"}
+APPLIED = {"tensor_parallel", "sharding", "ddp"}  # apply(model, mesh) -> the module to train
+
+
+def test_only_the_composing_module_imports_more_than_one_strategy():
+    for path in MODULES:
+        if path == PACKAGE / "__init__.py":
+            continue  # the package's front door lists everything
+        used = {name.split(".")[1] for name in imports(path) if name.startswith("course_utils.")}
+        others = (used & STRATEGIES) - {top_module(path)}
+        if path == PACKAGE / "parallelize.py":
+            assert others == STRATEGIES  # it composes them all
+        else:
+            assert len(others) <= 1, f"imports {sorted(others)}: compose in parallelize.py"
+
+
+def test_every_strategy_has_the_same_face():
+    import inspect
+
+    import course_utils as cu
+
+    for name in APPLIED:
+        apply = getattr(cu, name).apply
+        assert list(inspect.signature(apply).parameters)[:2] == ["model", "mesh"], name
+    # a pipeline rank holds stages, not the model: its room builds the rank's whole role
+    assert list(inspect.signature(cu.pipeline.role).parameters) == ["cfg", "me"]
+    for name in ("tensor_parallel", "pipeline"):  # what each room can't split, in one line
+        assert callable(getattr(cu, name).config_error), name
+
+
+def test_the_architecture_page_names_every_module_and_its_layer():
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    rows = re.findall(r"^\| (\d) \| (.+?) \| .+ \|$", page, flags=re.MULTILINE)
+    named = {
+        int(layer): {name.strip("`/") for name in re.findall(r"`[a-z_/]+`", modules)}
+        for layer, modules in rows
+    }
+    for i, names in enumerate(LAYERS):  # the page's layers count from 1, bottom up
+        assert named.get(i + 1) == names, f"layer {i + 1} of docs/architecture.md"

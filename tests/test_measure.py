@@ -5,6 +5,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from course_utils import measure
 
@@ -62,3 +63,35 @@ def test_the_watch_counts_other_programs_and_not_this_one():
     assert watch.own > 0.1  # it did spin...
     assert watch.others == pytest.approx(watch.total - watch.own, abs=1e-9)  # ...and is not counted
     assert watch.cores >= 1 and watch.seconds == pytest.approx(1.0, abs=0.5)
+
+
+def clock(monkeypatch, ticks):
+    """Make time.perf_counter return ``ticks`` one after another (the code under test's clock)."""
+    ticks = iter(ticks)
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: next(ticks))
+
+
+def test_step_phases_times_each_phase_and_leaves_out_the_warm_up(monkeypatch):
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    X, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    before = model.weight.detach().clone()
+    # t0..t3 of each repeat: a slow warm-up, then forward 1 s, backward 2 s, optimizer 3 s
+    clock(monkeypatch, [0, 10, 20, 30] + [100, 101, 103, 106] + [200, 201, 203, 206])
+    phases = measure.step_phases(model, optimizer, X, y, repeats=2)
+    assert phases == {"forward": 1.0, "backward": 2.0, "optimizer": 3.0}
+    assert not torch.equal(model.weight, before)  # real steps: the model given is trained
+
+
+def test_throughput_trains_a_copy_and_counts_the_steps_after_the_first(monkeypatch):
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    before = [p.detach().clone() for p in model.parameters()]
+    X, y = torch.randn(40, 1, 4, 4), torch.randint(0, 3, (40,))
+    threads = torch.get_num_threads()
+    # fit reads the clock before and after each step: 1 warm-up step of 7 s, then 3 of 0.5 s
+    clock(monkeypatch, [0, 7, 10, 10.5, 20, 20.5, 30, 30.5])
+    rate = measure.throughput(model, X, y, batch_size=16, threads=1, num_steps=3)
+    assert rate == pytest.approx(16 * 3 / 1.5)
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q)  # the caller's model is untouched
+    assert torch.get_num_threads() == threads  # and so is its thread count

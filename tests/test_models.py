@@ -63,3 +63,22 @@ def test_the_transformer_reads_16_patches_and_its_attention_is_standard():
     torch.testing.assert_close(attn(tokens), mha(tokens, tokens, tokens)[0], rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="heads"):
         cu.models.build("transformer", dim=64, heads=5)
+
+
+def test_make_optimizer_is_sgd_with_momentum_or_adamw_over_a_module_or_its_tensors():
+    model = cu.models.build("cnn", seed=0)
+    sgd = cu.models.make_optimizer(model, 0.1)
+    assert type(sgd) is torch.optim.SGD
+    assert (sgd.defaults["lr"], sgd.defaults["momentum"], sgd.defaults["foreach"]) == (
+        0.1,
+        0.9,
+        True,
+    )
+    assert len(sgd.param_groups[0]["params"]) == len(list(model.parameters()))
+    shards = list(model.parameters())[:2]  # ZeRO passes the tensors it owns, not a module
+    adamw = cu.models.make_optimizer(shards, 1e-3, "adamw")
+    assert type(adamw) is torch.optim.AdamW and adamw.defaults["weight_decay"] == 0.05
+    assert adamw.param_groups[0]["params"] == shards
+    assert cu.models.OPTIMIZERS == ("sgd", "adamw")
+    with pytest.raises(ValueError, match="one of sgd, adamw, got 'adam'"):
+        cu.models.make_optimizer(model, 0.1, "adam")

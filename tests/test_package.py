@@ -27,7 +27,7 @@ def test_the_wheel_carries_the_data_and_trains_from_another_folder(tmp_path):
     for needed in (
         "course_utils/datasets/mnist_5k.npz",
         "course_utils/launch/runner.py",
-        "course_utils/pipeline/worker.py",
+        "course_utils/pipeline/engine.py",
         "course_utils/plots/core.py",
         "course_utils/widgets/base.py",
     ):

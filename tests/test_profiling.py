@@ -1,22 +1,17 @@
-"""--profile DIR: one torch.profiler trace per rank, with the step's phases and the collectives in
-it, and a summary (compute, communication, overlap) that reads the trace right."""
+"""course_utils.profiling: recording a trace (``--profile DIR``: one torch.profiler trace per
+rank, with the step's phases and the collectives in it) and reading one (the summary: compute,
+communication, overlap; one profiled step, its collectives, when each rank reached them, where its
+memory went, every rank's trace in one file), on traces written by hand (``traces.py``) where the
+numbers can be worked out on paper, and on real runs of every strategy."""
 
 import json
 
 import pytest
+from traces import memory, span, traced_steps, two_steps, write_trace
 
 import course_utils as cu
 from course_utils import profiling
 from course_utils.config import RunConfig, UsageError
-
-
-def write_trace(path, events):
-    path.write_text(json.dumps({"traceEvents": events}))
-    return path
-
-
-def span(name, ts, dur, cat="user_annotation", tid=1):
-    return {"ph": "X", "name": name, "ts": ts, "dur": dur, "cat": cat, "tid": tid}
 
 
 def test_the_summary_measures_compute_communication_and_overlap(tmp_path):
@@ -111,40 +106,103 @@ def test_a_profile_folder_that_cannot_be_written_is_refused_before_training(tmp_
         cu.train.run(RunConfig(model="cnn", steps=2, profile=str(afile)), progress=False)
 
 
-def test_the_timeline_draws_each_span_in_its_rank_and_lane():
-    import matplotlib.pyplot as plt
+def test_a_step_of_a_trace_is_found_by_its_position_not_its_number():
+    events = two_steps()
+    second = profiling.step_events(events, 2)
+    assert {e["ts"] for e in second} == {e["ts"] for e in events if 1000 <= e["ts"] <= 1900}
+    assert [e["name"] for e in second if e["name"].startswith("ProfilerStep")] == ["ProfilerStep#6"]
+    with pytest.raises(ValueError, match="holds 2 profiled steps"):
+        profiling.step_events(events, 3)
 
-    from course_utils.plots import profiling as drawing
 
-    traces = {
-        0: [span("forward", 1000, 2000), span("gloo:all_reduce", 2500, 500, cat="cpu_op")],
-        1: [span("backward", 1500, 1000), span("aten::mm", 1500, 10, cat="cpu_op")],
+def test_memory_is_attributed_to_the_phase_and_thread_it_happened_in():
+    m = profiling.memory_by_phase(profiling.step_events(two_steps(), 1))
+    assert m["phases"] == {
+        "zero_grad": {"allocated": 0, "freed": 100},
+        "forward": {"allocated": 400, "freed": 0},
+        "forward, other threads": {"allocated": 50, "freed": 50},
+        "backward": {"allocated": 100, "freed": 400},
+        "optimizer": {"allocated": 30, "freed": 30},
+        "other": {"allocated": 8, "freed": 8},
     }
-    fig = drawing.trace_timeline(traces)
-    bars = fig.axes[0].patches
-    assert len(bars) == 3  # aten::mm is neither a phase nor a collective
-    starts = sorted((round(b.get_x(), 3), round(b.get_width(), 3)) for b in bars)
-    assert starts == [(0.0, 2.0), (0.5, 1.0), (1.5, 0.5)]  # ms from the first span of all
-    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
-    assert labels == [
-        "rank 0, compute",
-        "rank 0, communication",
-        "rank 1, compute",
-        "rank 1, communication",
+    assert (m["start"], m["peak"], m["end"]) == (1000, 1400, 1000)
+    assert profiling.memory_by_phase([]) == {"start": 0, "peak": 0, "end": 0, "phases": {}}
+
+
+def test_traces_merge_into_one_file_with_a_process_per_rank(tmp_path):
+    paths = []
+    for rank, pid in ((1, 222), (0, 111)):  # given out of order: the names come from the traces
+        events = [
+            {"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": "python"}},
+            span("forward", 10, 5, tid=pid) | {"pid": pid},
+            {"ph": "X", "name": "PyTorch Profiler", "pid": "Spans", "tid": 0, "ts": 0, "dur": 1},
+        ]
+        trace = {"schemaVersion": 1, "distributedInfo": {"rank": rank}, "traceEvents": events}
+        paths.append(tmp_path / f"trace_rank{rank}.json")
+        paths[-1].write_text(json.dumps(trace))
+    out = profiling.merge_traces(paths, tmp_path / "both.json")
+    merged = json.loads(out.read_text())
+    events = merged["traceEvents"]
+    names = {e["pid"]: e["args"]["name"] for e in events if e["name"] == "process_name"}
+    assert names == {111: "rank 0", 222: "rank 1"}
+    order = {e["pid"]: e["args"]["sort_index"] for e in events if e["name"] == "process_sort_index"}
+    assert order == {111: 0, 222: 1}
+    assert sorted(e["pid"] for e in events if e["name"] == "forward") == [111, 222]
+    assert all(isinstance(e["pid"], int) for e in events)  # the profiler's own rows are left out
+    assert merged["schemaVersion"] == 1
+
+
+def test_collectives_are_counted_per_step_and_arrivals_per_rank():
+    counts = profiling.collective_counts(traced_steps(), 2)
+    assert counts == [{"gloo:all_reduce": 2}, {"gloo:all_reduce": 2}]
+    late = [
+        e | {"ts": e["ts"] + 30} if e["name"] == "gloo:all_reduce" else e for e in traced_steps()
     ]
-    plt.close(fig)
+    late = [e | {"dur": 70} if e["name"] == "gloo:all_reduce" else e for e in late]
+    rows = profiling.arrivals({0: traced_steps(), 1: late}, 2)
+    assert [(r["first"], r["last"]) for r in rows] == [(0, 1), (0, 1)]
+    for r in rows:  # rank 0 started 30 us earlier, both ended together
+        assert r["start_gap_ms"] == pytest.approx(0.03) and r["end_gap_ms"] == pytest.approx(0)
+        assert r["first_ms"] == pytest.approx(0.1) and r["last_ms"] == pytest.approx(0.07)
+    assert len(str(profiling.arrivals_table(rows)).splitlines()) == 3
+    with pytest.raises(ValueError, match="holds no gloo:broadcast"):
+        profiling.arrivals({0: traced_steps()}, 1, name="gloo:broadcast")
 
 
-def test_the_memory_timeline_draws_allocated_bytes_over_time():
-    import matplotlib.pyplot as plt
+def test_the_memory_table_lists_the_phases_where_a_kibibyte_moved_in_step_order():
+    m = profiling.memory_by_phase(profiling.step_events(two_steps(), 1))
+    table = profiling.memory_table({"A": m, "B": m}, unit=1)
+    assert [row[0] for row in table.numbers["rows"]] == [
+        "zero_grad",
+        "forward",
+        "forward, other threads",
+        "backward",
+        "optimizer",
+        "other",
+    ]
+    assert table.numbers["rows"][1] == ["forward", "400 / 0", "400 / 0"]
+    assert [row[0] for row in profiling.memory_table({"A": m}, unit=200).numbers["rows"]] == [
+        "forward",
+        "backward",
+    ]
 
-    from course_utils.plots import profiling as drawing
 
-    def memory(ts, allocated):
-        return {"name": "[memory]", "ts": ts, "args": {"Total Allocated": allocated}}
+def test_the_summary_table_shows_one_row_per_rank():
+    s = {"compute_s": 0.0125, "communication_s": 0.002, "overlap": 0.5, "hidden": 0.25}
+    table = profiling.summary_table([s | {"collectives": 3}, s | {"collectives": 4}])
+    lines = str(table).splitlines()
+    assert len(lines) == 3 and lines[1].split() == ["0", "12.5", "2.00", "50%", "25%", "3"]
 
-    fig = drawing.memory_timeline({"DDP": [memory(0, 0), memory(1000, 2**20), memory(3000, 0)]})
-    (line,) = fig.axes[0].lines
-    assert list(line.get_xdata()) == [0, 1, 3] and list(line.get_ydata()) == [0, 1, 0]
-    assert fig.axes[0].get_legend().get_texts()[0].get_text() == "DDP"
-    plt.close(fig)
+
+def test_what_counts_as_a_phase_a_collective_and_a_memory_record_is_decided_once():
+    assert profiling.is_phase(span("forward", 0, 1))
+    assert not profiling.is_phase(span("forward", 0, 1, cat="cpu_op"))  # an operator so named
+    assert profiling.is_phase(span("backward", 0, 1), ("backward",))
+    assert not profiling.is_phase(span("forward", 0, 1), ("backward",))
+    for name in ("gloo:all_reduce", "gloo:broadcast", "ncclDevKernel_AllReduce_Sum_f32_RING_LL"):
+        assert profiling.is_communication(name)
+    assert not profiling.is_communication("c10d::allreduce_")  # the call on the main thread
+    unsized = {"ph": "i", "name": "[memory]", "ts": 5, "args": {}}
+    records = profiling.memory_records([memory(20, 8, 108), span("forward", 0, 30), unsized,
+                                        memory(10, 100, 100)])  # fmt: skip
+    assert [r["ts"] for r in records] == [10, 20]  # in time order, only those with a level

@@ -1,6 +1,7 @@
 """Sharded data parallel (lesson 08): ZeRO-1/2/3 by hand and FSDP2 train exactly like one process,
 hold the bytes the formulas say, and their checkpoints reshard."""
 
+import math
 import shutil
 from functools import partial
 
@@ -21,7 +22,7 @@ def one_process(name: str, optimizer: str) -> list[float]:
     X, y = cu.data.mnist("train")
     X = cu.models.prepare_input(name, X)
     model = cu.models.build(name, seed=0)
-    opt = cu.loop.make_optimizer(model, LR[optimizer], optimizer)
+    opt = cu.models.make_optimizer(model, LR[optimizer], optimizer)
     batches = cu.data.batches(X, y, BATCH, STEPS, 0)
     return cu.loop.fit(model, opt, batches, STEPS, batch_size=BATCH, progress=False).losses
 
@@ -31,9 +32,8 @@ def zero_worker(name: str, optimizer: str, stage: int) -> dict:
     X, y = cu.data.mnist("train")
     X = cu.models.prepare_input(name, X)
     model = cu.models.build(name, seed=0)
-    zero = sharding.ZeRO(
-        model, stage, partial(cu.loop.make_optimizer, lr=LR[optimizer], kind=optimizer)
-    )
+    make_optimizer = partial(cu.models.make_optimizer, lr=LR[optimizer], kind=optimizer)
+    zero = sharding.ZERO_CLASSES[stage](model, make_optimizer)
     history = cu.loop.fit(
         model,
         zero.optimizer,
@@ -85,7 +85,7 @@ def test_zero_by_hand_trains_like_one_process_and_holds_what_the_formula_says(na
 def test_zero3_frees_the_gathered_weights_after_each_layer():
     def worker():
         model = cu.models.build("cnn", seed=0)
-        zero = sharding.ZeRO(model, 3, partial(torch.optim.SGD, lr=0.1))
+        zero = sharding.ZeRO3(model, partial(torch.optim.SGD, lr=0.1))
         seen = []
         model.fc.register_forward_hook(lambda m, a, o: seen.append(model.conv1.weight))
         X = torch.zeros(4, 1, 28, 28)
@@ -99,7 +99,7 @@ def test_zero3_frees_the_gathered_weights_after_each_layer():
 
 def test_zero3_refuses_the_rnn_in_one_sentence():
     def worker():
-        sharding.ZeRO(cu.models.build("rnn"), 3, torch.optim.SGD)
+        sharding.ZeRO3(cu.models.build("rnn"), torch.optim.SGD)
 
     with pytest.raises(cu.launch.WorkerError, match="nn.RNN keeps its own list"):
         cu.launch.run(worker, 2)
@@ -201,7 +201,7 @@ def test_zero1_gradient_shards_sit_where_the_shards_do():
     def worker():
         torch.manual_seed(0)
         model = torch.nn.Linear(5, 3)
-        zero = sharding.ZeRO(model, 1, partial(torch.optim.SGD, lr=0.0))
+        zero = sharding.ZeRO1(model, partial(torch.optim.SGD, lr=0.0))
         X, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 1])
         rank = dist.get_rank()
         zero.train_step(model, zero.optimizer, X[rank::2], y[rank::2])
@@ -218,11 +218,100 @@ def test_zero1_gradient_shards_sit_where_the_shards_do():
     torch.testing.assert_close(shards[1][0], whole[8:])
 
 
-def test_small_units_are_grouped_until_they_are_worth_their_collectives():
+def test_grouped_units_join_consecutive_blocks():
     model = cu.models.build("transformer")
-    block = cu.models.count_parameters(model.blocks[0])
-    assert sharding.grouped_units(model) == []  # 0.2M parameters: the root is the one unit
-    assert sharding.grouped_units(model, min_params=1) == [[b] for b in model.blocks]
-    pairs = sharding.grouped_units(model, min_params=2 * block)
-    assert pairs == [[model.blocks[0], model.blocks[1]], [model.blocks[2], model.blocks[3]]]
-    assert sharding.grouped_units(model, min_params=3 * block) == [list(model.blocks[:3])]
+    blocks = list(model.blocks)
+    assert sharding.grouped_units(model, 1) == [[b] for b in blocks]
+    assert sharding.grouped_units(model, 2) == [blocks[:2], blocks[2:]]
+    assert sharding.grouped_units(model, 3) == [blocks[:3], blocks[3:]]  # the last one shorter
+    assert sharding.grouped_units(model, 4) == [blocks]
+
+
+# --- the model state at the peak of a step: sharding.PeakState ------------------------------------
+
+
+def watched_steps(module, model, optimizer, rank: int = 0, world: int = 1) -> dict:
+    """Three steps of ``module`` watched by a PeakState over two: its peak, the bytes at rest
+    after, and how many looks it took in each step."""
+    peak = sharding.PeakState(module, optimizer, steps=2)
+    looks, per_step = [], []
+    look = peak.look
+    peak.look = lambda: looks.append(1) or look()  # count the looks its hooks take
+    X, y = cu.data.mnist("train", limit=64)
+    cu.loop.fit(
+        module,
+        optimizer,
+        cu.data.batches(X, y, 16, 3, 0, rank, world),
+        3,
+        progress=False,
+        on_step=lambda step, run: per_step.append(len(looks) - sum(per_step)),
+    )
+    rest = sharding.state_bytes(model.parameters(), optimizer)
+    return {"peak": peak.bytes, "rest": rest, "looks": per_step}
+
+
+def peak_worker() -> dict:
+    """DDP, FSDP as the command line applies it (a unit per block), and every block in one unit,
+    each watched on this rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = {}
+    for variant in ("ddp", "per block", "4 blocks per unit"):
+        model = cu.models.build("transformer", seed=0)
+        module = model
+        if variant == "ddp":
+            module = cu.ddp.wrap(model, torch.device("cpu"))
+        elif variant == "per block":
+            sharding.apply(model, init_device_mesh("cpu", (world,)))
+        else:
+            units = sharding.grouped_units(model, 4)
+            sharding.fully_sharded(model, init_device_mesh("cpu", (world,)), None, units=units)
+        optimizer = cu.models.make_optimizer(module, 1e-3, "adamw")
+        out[variant] = watched_steps(module, model, optimizer, rank, world)
+    return out
+
+
+def gathered_bytes(params, world: int) -> int:
+    """Float32 bytes of ``params`` gathered whole by FSDP: rows padded to a multiple of N."""
+    return sum(
+        4 * math.ceil(p.shape[0] / world) * world * (p.numel() // p.shape[0]) for p in params
+    )
+
+
+def test_the_peak_of_one_process_and_of_ddp_is_the_whole_state_at_rest():
+    model = cu.models.build("transformer", seed=0)
+    one = watched_steps(model, model, cu.models.make_optimizer(model, 1e-3, "adamw"))
+    params = 4 * cu.models.count_parameters(model)
+    tensors = len(list(model.parameters()))
+    whole = {"parameters": params, "gradients": params, "optimizer": 2 * params + 4 * tensors}
+    assert one["peak"] == one["rest"] == whole | {"total": sum(whole.values())}
+    assert one["looks"][0] > 0 and one["looks"][1] > 0 and one["looks"][2] == 0  # hooks removed
+    ddp = cu.launch.run(peak_worker, 2, device="cpu")[0]["ddp"]
+    assert ddp["peak"] == ddp["rest"] == one["rest"]  # buckets aside: every replica holds it all
+
+
+def test_fsdp_per_block_holds_one_block_whole_at_its_peak_and_grouped_holds_them_all():
+    ranks = cu.launch.run(peak_worker, 2, device="cpu")
+    model = cu.models.build("transformer")
+    root = [p for name, p in model.named_parameters() if not name.startswith("blocks.")]
+    block = list(model.blocks[0].parameters())
+    whole_block = 4 * cu.models.count_parameters(model.blocks[0])
+    block_shard = whole_block // 2  # every block tensor's rows divide by 2
+    ddp, fsdp, grouped = (ranks[0][v] for v in ("ddp", "per block", "4 blocks per unit"))
+    peak, rest = fsdp["peak"], fsdp["rest"]  # rank 0: its shards are never padded
+    # at the peak, the end of a block's backward: the root and that block gathered (the next
+    # block's all-gather, prefetched, lands in FSDP's own buffer: not counted), the block's whole
+    # gradients beside the other blocks' gradient shards
+    assert peak["parameters"] == rest["parameters"] + gathered_bytes(root + block, 2)
+    assert peak["optimizer"] == rest["optimizer"]
+    root_whole = 4 * sum(p.numel() for p in root)
+    at_least = whole_block + 3 * block_shard
+    assert at_least <= peak["gradients"] <= at_least + root_whole
+    # so, of DDP's whole state, half (the shards) and about one block's parameters and gradients
+    bound = rest["total"] + gathered_bytes(root + block, 2) + whole_block + root_whole
+    assert peak["total"] <= bound < ddp["peak"]["total"]
+    # every block in one unit: the whole model gathered during the step
+    all_params = list(model.parameters())
+    assert grouped["peak"]["parameters"] == rest["parameters"] + gathered_bytes(all_params, 2)
+    assert grouped["rest"] == rest  # the same shards between steps

@@ -65,7 +65,7 @@ def test_phase_sweep_returns_milliseconds_whose_sum_is_the_step(monkeypatch):
         order.append(len(X))
         return {"forward": 0.001 * len(X), "backward": 0.002 * len(X), "optimizer": 0.0005}
 
-    monkeypatch.setattr(cu.loop, "time_step_phases", fake_phases)
+    monkeypatch.setattr(single_device, "step_phases", fake_phases)
     X, y = torch.zeros(64, 1, 28, 28), torch.zeros(64, dtype=torch.long)
     phases, step = single_device.phase_sweep(torch.nn.Linear(2, 2), X, y, [8, 32], repeats=3)
     assert order == [8, 32] * 3  # in turns

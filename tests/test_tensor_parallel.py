@@ -62,11 +62,10 @@ def test_megatron_by_hand_equals_one_process_and_sends_four_all_reduces_per_bloc
 
 def with_dtensor(sequence_parallel, steps):
     from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor.parallel import parallelize_module
 
-    mesh = tp.mesh(1, dist.get_world_size())["tp"]
+    mesh = cu.parallelize.Axes(tp=dist.get_world_size()).mesh()["tp"]
     model = cu.models.build("transformer", seed=0)
-    parallelize_module(model, mesh, tp.plan(model, sequence_parallel))
+    tp.apply(model, mesh, sequence_parallel)
     loss = train_then_backward(model, steps)
     full = {
         n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad

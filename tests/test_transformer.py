@@ -7,13 +7,14 @@ import torch.nn.functional as F
 
 import course_utils as cu
 from course_utils.config import RunConfig, UsageError
-from course_utils.pipeline import stages, worker
+from course_utils.pipeline import stages
+from course_utils.pipeline.engine import Pipeline
 
 COMMON = dict(model="transformer", batch_size=32, steps=4, seed=2, optimizer="adamw", lr=1e-3)
 
 
 def one_step(sizes, m, schedule, engine):
-    pipe = worker.Pipeline("transformer", sizes, m, schedule, engine, seed=0)
+    pipe = Pipeline("transformer", sizes, m, schedule, engine, seed=0)
     X, y = next(cu.data.batches(*cu.data.mnist("train"), 32, 1, seed=0))
     loss, _ = pipe.step_fn(None, torch.optim.SGD(pipe.stage.parameters(), lr=0.0), X, y)
     return float(loss), pipe.full_grads()

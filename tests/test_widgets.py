@@ -35,7 +35,7 @@ def counting(measure):
 
 def test_measure_button_records_a_point_and_caches_it(data):
     X, y = data
-    measure = counting(cu.loop.measure_throughput)
+    measure = counting(cu.measure.throughput)
     panel = cu.widgets.ThroughputPanel(
         TinyModel(), X, y, batch_sizes=[8, 32], num_steps=2, measure=measure, repeats=3
     )

@@ -1,6 +1,6 @@
 """Zero-bubble schedules (lesson 07): the backward split into B (the input's gradient) and W (the
 weights'), on paper against the paper's numbers and torch's own orders, and for real against one
-process. Workers are launched with threads=1 (see tests/test_pipeline.py)."""
+process. Workers are launched with threads=1 (see tests/test_pipeline_engines.py)."""
 
 from types import SimpleNamespace
 
@@ -9,7 +9,7 @@ import torch
 
 import course_utils as cu
 from course_utils.config import RunConfig
-from course_utils.pipeline import schedules, worker, zero_bubble
+from course_utils.pipeline import measured, schedules, zero_bubble
 
 SPLIT = [
     (s, p, m)
@@ -177,14 +177,14 @@ def test_gantt_draws_w_in_its_own_colour_and_v_ranks_as_rows():
     assert [t.get_text() for t in plain.get_legend().get_texts()] == ["forward", "backward"]
 
 
-@pytest.mark.parametrize("schedule", worker.V_SCHEDULES)
+@pytest.mark.parametrize("schedule", zero_bubble.V_SCHEDULES)
 def test_v_schedules_run_as_simulated_and_train_like_one_process(schedule):
     # profile(): 2 workers, 4 stages in a V; each rank runs its ops in the simulated order
     m = 4
-    run = worker.Profile(
+    run = measured.Profile(
         "transformer", m, schedule, "torch", batch_size=32, num_steps=2, sizes=[2, 1, 1, 2]
     )
-    result, other = cu.launch.run(worker.profile, 2, run, threads=1, device="cpu")
+    result, other = cu.launch.run(measured.profile, 2, run, threads=1, device="cpu")
     assert other is None
     for rank, order in enumerate(schedules.rank_orders(schedule, 4, m)):
         ran = sorted((e for e in result["events"] if e.stage == rank), key=lambda e: e.start)

@@ -33,9 +33,11 @@ How it works, and why:
 - **Nothing is left behind.** The first worker to fail, or the timeout, or an interrupt of the
   kernel, stops every worker (SIGTERM, then SIGKILL), and the caller raises. On Linux a worker also
   dies with its parent.
-- **Workers exit cleanly.** A worker sends its result, tears down its process group, flushes, and
-  leaves with ``os._exit``: gloo sometimes aborts at interpreter exit ("terminate called without an
-  active exception") after the work is done; skipping interpreter teardown avoids it.
+- **Workers exit cleanly.** A worker sends its result and leaves through
+  :func:`~course_utils.launch.worker.exit_cleanly` (no interpreter teardown, where gloo sometimes
+  aborts after DDP; its named semaphores unlinked first). The caller lets workers that have sent
+  their results leave by themselves (up to ``EXIT_GRACE_S``): stopped on their way out, they
+  would leave semaphores behind ("There appear to be N leaked semaphore objects").
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ from course_utils.launch.postmortem import LaunchTimeout, WorkerError
 from course_utils.launch.worker import GROUP_TIMEOUT_S, child_main, child_main_by_value
 
 MAX_WORKERS_PER_CORE = 4  # more is a typo (--nproc 1000), not an experiment
+EXIT_GRACE_S = 5.0  # a worker that has sent its result gets this long to leave by itself
 _START_LOCK = threading.Lock()
 
 
@@ -72,9 +75,6 @@ def default_start_method() -> str:
     if "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized():
         return "fork"
     return "spawn"
-
-
-start_method = default_start_method  # the name earlier versions used
 
 
 def _by_value(work: tuple) -> bytes:
@@ -141,9 +141,12 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-def _stop(procs: list) -> None:
-    """SIGTERM every live worker (and SIGCONT, so that a stopped one acts on it), then SIGKILL
-    what is left; reap them all."""
+def _stop(procs: list, grace: float = 0.0) -> None:
+    """After ``grace`` seconds for the workers to exit by themselves, SIGTERM every live worker
+    (and SIGCONT, so that a stopped one acts on it), then SIGKILL what is left; reap them all."""
+    deadline = time.monotonic() + grace
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
     for p in procs:
         if p.is_alive():
             p.terminate()
@@ -272,7 +275,9 @@ def run(
                     writer.close()  # the child holds the writing end now
                     procs.append(p)
                     readers[reader] = rank
-            return _collect(procs, readers, timeout, meeting)
+            results = _collect(procs, readers, timeout, meeting)
+            _stop(procs, grace=EXIT_GRACE_S)  # see "Workers exit cleanly" above
+            return results
         finally:
             _stop(procs)
             for reader in readers:

@@ -11,6 +11,7 @@ device gets the one its group was made for.
 from __future__ import annotations
 
 import datetime
+import multiprocessing.util
 import os
 import pickle
 import signal
@@ -149,10 +150,21 @@ def _env_rendezvous(me: Worker, timeout: datetime.timedelta) -> dict:
 
 
 def exit_cleanly(code: int = 0) -> None:
-    """Flush and leave without interpreter teardown: gloo sometimes aborts at interpreter exit
-    ("terminate called without an active exception") after DDP, once the work is done."""
+    """Flush, run multiprocessing's exit finalizers, and leave without interpreter teardown: gloo
+    sometimes aborts at interpreter exit ("terminate called without an active exception") after
+    DDP, once the work is done.
+
+    ``os._exit`` skips everything Python does at exit, multiprocessing's finalizers among them.
+    One of them unlinks each named semaphore the process created: tqdm makes one for its lock with
+    a process's first progress bar (shown or not), a named one where the start method is spawn
+    (a spawned worker's). Skipped, every such semaphore outlives its worker, and when the
+    launching program ends, Python's resource tracker warns "There appear to be N leaked
+    semaphore objects". So they run first: the finalizers a normal exit runs before it joins
+    threads and child processes (priority 0 and up: unlinking semaphores, closing queues), not
+    those joins, which could wait for ever."""
     sys.stdout.flush()
     sys.stderr.flush()
+    multiprocessing.util._run_finalizers(0)
     os._exit(code)
 
 

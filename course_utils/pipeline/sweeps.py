@@ -21,8 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from course_utils import data, launch, loop, measure, models
-from course_utils.pipeline import schedules, stages, worker
+from course_utils.pipeline import measured, schedules, stages
 from course_utils.pipeline.schedules import Event
+from course_utils.pipeline.strategy import config_error
 
 
 def run(
@@ -35,11 +36,11 @@ def run(
     sizes: list[int] | None = None,
     nproc: int = 2,
 ) -> dict:
-    """One measured pipeline run (:func:`course_utils.pipeline.worker.profile`) on ``nproc`` CPU
+    """One measured pipeline run (:func:`course_utils.pipeline.measured.profile`) on ``nproc`` CPU
     workers with one thread each: rank 0's record (samples_per_s, the last step's events,
     losses, sizes)."""
-    job = worker.Profile(model, microbatches, schedule, engine, batch_size, num_steps, sizes)
-    return launch.run(worker.profile, nproc, job, threads=1, device="cpu")[0]
+    job = measured.Profile(model, microbatches, schedule, engine, batch_size, num_steps, sizes)
+    return launch.run(measured.profile, nproc, job, threads=1, device="cpu")[0]
 
 
 def one_process_losses(
@@ -49,7 +50,7 @@ def one_process_losses(
     model = models.build(name, seed=seed)
     X, y = data.mnist("train")
     batches = data.batches(models.prepare_input(name, X), y, batch_size, num_steps, seed=seed)
-    optimizer = loop.make_optimizer(model, lr)
+    optimizer = models.make_optimizer(model, lr)
     return loop.fit(model, optimizer, batches, num_steps, progress=False).losses
 
 
@@ -166,12 +167,12 @@ def throughput_sweep(
     """Lesson 06's throughput: for each (schedule, m), a 2-stage pipeline and one process (one
     thread, the whole batch) in turns, ``repeats`` rounds. Settings torch refuses are skipped."""
     out = Sweep()
-    base = lambda: worker.one_process_throughput(name, batch_size, 1, num_steps)  # noqa: E731
+    base = lambda: measured.one_process_throughput(name, batch_size, 1, num_steps)  # noqa: E731
     keys = [
         (s, m)
         for s in schedule_names
         for m in microbatches
-        if worker.config_error(name, 2, batch_size, m, s) is None
+        if config_error(name, 2, batch_size, m, s) is None
     ]
     for key in keys:
         out.runs[key] = []
@@ -206,7 +207,7 @@ def transformer_sweep(
     out = Sweep()
 
     def one(m):
-        return worker.one_process_throughput("transformer", batch_size, 1, num_steps, 0, m)
+        return measured.one_process_throughput("transformer", batch_size, 1, num_steps, 0, m)
 
     for m in microbatches:
         with loop.num_threads(1):

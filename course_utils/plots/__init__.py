@@ -7,19 +7,20 @@ own grid) and returns the figure; importing this package changes no global matpl
   points marked): :func:`measurements`, which every panel uses, and :func:`throughput`;
 - :mod:`~course_utils.plots.diagrams` and :mod:`~course_utils.plots.scaling_laws`: lesson 03;
 - :mod:`~course_utils.plots.communication`: lesson 04; :mod:`~course_utils.plots.data_parallel`:
-  lesson 05; :mod:`~course_utils.plots.pipeline`: lessons 06-07; :mod:`~course_utils.plots.faq`:
-  lesson 11;
+  lesson 05; :mod:`~course_utils.plots.pipeline`: lessons 06-07;
 - :mod:`~course_utils.plots.sharding`: lesson 08 (memory per rank under ZeRO, traffic by stage);
 - :mod:`~course_utils.plots.tensor_parallel`: lesson 09 (Megatron's split, a device mesh, the
   measured tensor-parallel speedup and communication share);
 - :mod:`~course_utils.plots.profiling`: lesson 10 (timelines and memory from traces).
+- :mod:`~course_utils.plots.challenges`: lessons 11-12 (the cost model against measurements, the
+  decision guide, attribution maps).
 """
 
+from course_utils.plots.challenges import *  # noqa: F403
 from course_utils.plots.communication import *  # noqa: F403
 from course_utils.plots.core import *  # noqa: F403
 from course_utils.plots.data_parallel import *  # noqa: F403
 from course_utils.plots.diagrams import *  # noqa: F403
-from course_utils.plots.faq import *  # noqa: F403
 from course_utils.plots.measured import *  # noqa: F403
 from course_utils.plots.pipeline import *  # noqa: F403
 from course_utils.plots.profiling import *  # noqa: F403

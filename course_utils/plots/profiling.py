@@ -1,6 +1,8 @@
 """Figures of the profiling lesson, drawn from ``torch.profiler`` traces (offline, no browser):
 each rank's timeline of forward, backward, optimizer and communication (one step of several
-versions of it side by side), and memory over time (one step of several runs, shaded by phase)."""
+versions of it side by side), and memory over time (one step of several runs, shaded by phase).
+What counts as a phase, a collective or a memory record is :mod:`course_utils.profiling.trace`'s
+to say: these only draw it."""
 
 from __future__ import annotations
 
@@ -9,15 +11,12 @@ from collections.abc import Mapping, Sequence
 import matplotlib.pyplot as plt
 
 from course_utils.plots.core import _axes
+from course_utils.profiling import PHASES, is_communication, is_phase, memory_records, step_events
 
 __all__ = ["memory_steps", "memory_timeline", "step_timelines", "trace_timeline"]
 
-PHASE_COLORS = {"forward": "tab:blue", "backward": "tab:orange", "optimizer": "tab:green"}
+PHASE_COLORS = dict(zip(PHASES, ("tab:blue", "tab:orange", "tab:green")))
 COMM_COLOR = "tab:red"
-
-
-def _is_comm(name: str) -> bool:
-    return name.lower().startswith(("gloo:", "nccl"))
 
 
 def trace_timeline(
@@ -35,9 +34,9 @@ def trace_timeline(
         for e in events:
             if e.get("ph") != "X":
                 continue
-            if e["name"] in PHASE_COLORS and e.get("cat") == "user_annotation":
+            if is_phase(e):
                 spans.append((rank, 0, e, PHASE_COLORS[e["name"]]))
-            elif _is_comm(e["name"]):
+            elif is_communication(e["name"]):
                 spans.append((rank, 1, e, COMM_COLOR))
     if not spans:
         ax.text(0.5, 0.5, "no spans in these traces", ha="center", transform=ax.transAxes)
@@ -80,14 +79,9 @@ def memory_timeline(
     seen, so the lines start near zero: what they show is what a step adds and frees."""
     fig, ax = _axes(ax, figsize=(9, 4))
     for label, events in traces.items():
-        points = [
-            (e["ts"], e["args"]["Total Allocated"])
-            for e in events
-            if e.get("name") == "[memory]" and "Total Allocated" in e.get("args", {})
-        ]
+        points = [(e["ts"], e["args"]["Total Allocated"]) for e in memory_records(events)]
         if not points:
             continue
-        points.sort()
         t0 = points[0][0]
         ax.step(
             [(t - t0) / 1e3 for t, _ in points],
@@ -109,8 +103,6 @@ def step_timelines(
 ):
     """One panel per version of a step (``{name: {rank: events}}``, lesson 10's overlap
     experiment): each rank's ``step``-th profiled step, as :func:`trace_timeline` draws it."""
-    from course_utils.debugging import step_events
-
     fig, axes = plt.subplots(len(rounds), 1, figsize=(width, 3.4 * len(rounds)), squeeze=False)
     for ax, (name, traces) in zip(axes[:, 0], rounds.items()):
         one_step = {rank: step_events(events, step) for rank, events in traces.items()}
@@ -125,10 +117,10 @@ def memory_steps(steps: Mapping[str, Sequence[dict]], title: str | None = None):
     fig, axes = plt.subplots(1, len(steps), figsize=(6 * len(steps), 4), sharey=True, squeeze=False)
     for ax, (name, events) in zip(axes[0], steps.items()):
         memory_timeline({f"{name}, rank 0": events}, title=f"{name}: one step", ax=ax)
-        records = [e["ts"] for e in events if "Total Allocated" in e.get("args", {})]
-        t0 = min(records) if records else 0  # the line's 0
+        records = memory_records(events)
+        t0 = records[0]["ts"] if records else 0  # the line's 0
         for e in events:
-            if e.get("cat") == "user_annotation" and e["name"] in PHASE_COLORS:
+            if is_phase(e):
                 start, end = (e["ts"] - t0) / 1e3, (e["ts"] + e["dur"] - t0) / 1e3
                 ax.axvspan(start, end, color=PHASE_COLORS[e["name"]], alpha=0.15, lw=0)
         shading = [plt.Rectangle((0, 0), 1, 1, color=c, alpha=0.3) for c in PHASE_COLORS.values()]

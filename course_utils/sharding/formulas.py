@@ -1,15 +1,9 @@
-"""The bytes of sharded data parallel: what the ZeRO paper's formulas say each rank holds and sends,
-and what a rank really holds, measured from its tensors (:func:`state_bytes`, every strategy's
-``state_bytes_per_rank``)."""
+"""The bytes of sharded data parallel by the ZeRO paper's formulas: what each rank holds and sends
+per step, stage by stage (what a rank really holds is measured in :mod:`.state`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import numpy as np
-import torch
-
-# --- the formulas ---------------------------------------------------------------------------------
 
 # Mixed-precision Adam, as in the ZeRO paper: fp16 weights (2 bytes) and gradients (2 bytes) per
 # parameter, plus K = 12 bytes of optimizer state (fp32 master weights, momentum and variance).
@@ -61,30 +55,3 @@ def comm_per_rank(num_params, world_size, stage: int, bytes_per_value: float = 4
     n = world_size
     passes = 3 if _stage(stage) == 3 else 2
     return passes * (n - 1) / n * num_params * bytes_per_value
-
-
-# --- the bytes a rank holds ------------------------------------------------------------------------
-
-
-def nbytes(tensor: torch.Tensor | None) -> int:
-    """Bytes this rank holds for ``tensor``: its local shard for a DTensor, 0 for None."""
-    if tensor is None:
-        return 0
-    if hasattr(tensor, "to_local"):
-        tensor = tensor.to_local()
-    return tensor.numel() * tensor.element_size()
-
-
-def state_bytes(params: Iterable[torch.Tensor], optimizer: torch.optim.Optimizer) -> dict:
-    """Parameters, gradients and optimizer state this rank holds now, in bytes (measured from the
-    tensors themselves: shards count as shards; gradients count when they exist)."""
-    params = list(params)
-    held = {
-        "parameters": sum(nbytes(p) for p in params),
-        "gradients": sum(nbytes(p.grad) for p in params),
-        "optimizer": sum(
-            nbytes(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)
-        ),
-    }
-    held["total"] = sum(held.values())
-    return held

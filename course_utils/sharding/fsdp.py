@@ -1,5 +1,6 @@
-"""PyTorch's FSDP2 (``fully_shard``): the course's units, a whole model's state gathered from its
-shards, and ``--parallel fsdp``'s role in a run (lesson 08)."""
+"""PyTorch's FSDP2 (``fully_shard``, lesson 08): the course's units, a model sharded over a mesh,
+its whole state gathered from the shards, and ``--parallel fsdp``'s step in the composing module
+(:func:`apply`: one unit per block, so that a rank holds whole only the block it computes)."""
 
 from __future__ import annotations
 
@@ -18,24 +19,14 @@ def fsdp_units(model: nn.Module) -> list[nn.Module]:
     return [child for child in model.children() if any(True for _ in child.parameters())]
 
 
-# The command line's smallest unit: every unit costs its collectives' fixed latency and FSDP's own
-# bookkeeping on every step (measured on a 2-core CPU with gloo: about 5 ms per unit and step, for
-# 0.3-1 ms of messages), so small blocks are sharded together (like FSDP1's size-based policy).
-MIN_UNIT_PARAMS = 1_000_000
-
-
-def grouped_units(model: nn.Module, min_params: int = MIN_UNIT_PARAMS) -> list[list[nn.Module]]:
-    """:func:`fsdp_units` joined, in order, into groups of at least ``min_params`` parameters;
-    a last group short of it is left to the root. The course's transformer (0.2M parameters)
-    is then one unit, the root: one all-gather and one reduce-scatter per step."""
-    groups, current, size = [], [], 0
-    for unit in fsdp_units(model):
-        current.append(unit)
-        size += sum(p.numel() for p in unit.parameters())
-        if size >= min_params:
-            groups.append(current)
-            current, size = [], 0
-    return groups
+def grouped_units(model: nn.Module, blocks_per_unit: int) -> list[list[nn.Module]]:
+    """:func:`fsdp_units` in consecutive groups of ``blocks_per_unit`` (the last may be shorter),
+    each group one unit for :func:`fully_sharded`: a variant the lesson and the benchmark time
+    against one unit per block. Fewer units pay fewer collectives and less of FSDP's work per
+    unit, and hold more whole at once: with every block in one unit the whole model is gathered
+    during the step, as under DDP, and only the optimizer state stays sharded throughout."""
+    units = fsdp_units(model)
+    return [units[i : i + blocks_per_unit] for i in range(0, len(units), blocks_per_unit)]
 
 
 def fully_sharded(
@@ -65,36 +56,9 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in state.items()}
 
 
-def role(cfg, me):
-    """``--parallel fsdp``: this rank's :class:`course_utils.loop.Role` (the model sharded over
-    every rank, which each read their slice of the global batch, like DDP) and a function that
-    gathers the whole trained model (a collective; the model on the main rank, None elsewhere)."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from course_utils import collectives, loop, models
-
-    model = models.build(cfg.model, seed=cfg.seed).to(me.device)  # same weights on every rank
-    mesh = init_device_mesh(me.device.type, (me.world_size,))
-    fully_sharded(model, mesh, reshard_after_forward=None, units=grouped_units(model))
-    optimizer = loop.make_optimizer(model, cfg.lr, cfg.optimizer)  # over the shards
-    part = loop.Role(
-        model,
-        optimizer,
-        model=model,
-        data_rank=me.rank,
-        data_world_size=me.world_size,
-        reduce=collectives.all_reduce_sum,
-        is_main=me.is_main,
-        params=[(name, 0, param) for name, param in model.named_parameters()],
-        sharded=True,  # checkpoints: torch.distributed.checkpoint, one file per rank
-    )
-
-    def trained() -> nn.Module | None:
-        state = full_state_dict(model)
-        if not me.is_main:
-            return None
-        whole = models.build(cfg.model)
-        whole.load_state_dict(state)
-        return whole
-
-    return part, trained
+def apply(model: nn.Module, mesh) -> nn.Module:
+    """Data parallel by sharding, the composing module's step 3 (:mod:`course_utils.parallelize`):
+    ``model`` sharded in place over ``mesh`` (its data-parallel ranks), one FSDP unit per block
+    (:func:`fsdp_units`) and the root, each unit's parameters gathered for its forward and freed
+    after it (FSDP2's default), so that a rank holds whole only the block it is computing."""
+    return fully_sharded(model, mesh, reshard_after_forward=None)

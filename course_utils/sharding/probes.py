@@ -15,9 +15,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from course_utils.sharding.formulas import nbytes, state_bytes
 from course_utils.sharding.fsdp import fully_sharded
-from course_utils.sharding.zero import ZeRO
+from course_utils.sharding.state import nbytes, state_bytes
+from course_utils.sharding.zero import ZERO_CLASSES, ZeRO3
 
 STRATEGIES = {"DDP": 0, "ZeRO-1": 1, "ZeRO-2": 2, "ZeRO-3": 3, "FSDP": 3}  # and their ZeRO stage
 
@@ -42,7 +42,7 @@ def saved_parameters(model: nn.Module, X: torch.Tensor) -> list[str]:
 def zero3_sent_per_step(
     model: nn.Module, X: torch.Tensor, world_size: int, bytes_per_value: int = 4
 ) -> float:
-    """Bytes each rank sends per step under :class:`ZeRO` stage 3 with ring collectives: an
+    """Bytes each rank sends per step under :class:`ZeRO3` with ring collectives: an
     all-gather of every tensor in forward, of the saved ones again in backward, a reduce-scatter
     of every gradient; each of (N-1)/N of the tensor padded to N equal pieces."""
     sizes = {name: p.numel() for name, p in model.named_parameters()}
@@ -137,7 +137,7 @@ def held_by_strategy(batch_size: int, lr: float = 1e-3, model_name: str = "trans
     X_all, y_all = data.mnist("train")
     X, y = next(data.batches(X_all, y_all, batch_size, 1, 0, rank, world_size))  # my slice
     X = models.prepare_input(model_name, X)
-    make_optimizer = partial(loop.make_optimizer, lr=lr, kind="adamw")
+    make_optimizer = partial(models.make_optimizer, lr=lr, kind="adamw")
     activations = saved_bytes(models.build(model_name, seed=0), X)
     held = {}
     for name in STRATEGIES:
@@ -151,7 +151,7 @@ def held_by_strategy(batch_size: int, lr: float = 1e-3, model_name: str = "trans
             )
             held[name] = state_bytes(model.parameters(), optimizer)
         else:
-            zero = ZeRO(model, STRATEGIES[name], make_optimizer)
+            zero = ZERO_CLASSES[STRATEGIES[name]](model, make_optimizer)
             zero.train_step(model, zero.optimizer, X, y)
             held[name] = zero.state_bytes()
         held[name]["activations"] = activations
@@ -159,14 +159,14 @@ def held_by_strategy(batch_size: int, lr: float = 1e-3, model_name: str = "trans
 
 
 def watch_zero3(batch_size: int = 8, lr: float = 0.05) -> dict:
-    """In a worker: the CNN under :class:`ZeRO` stage 3, one forward and backward, watched: the
+    """In a worker: the CNN under :class:`ZeRO3`, one forward and backward, watched: the
     shape of ``conv1``'s weight while conv1 runs and while ``fc`` runs, the collectives of each
     pass, the shards, and the whole parameters the model still holds after backward."""
-    from course_utils import data, loop, models
+    from course_utils import data, models
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
     model = models.build("cnn", seed=0)
-    zero = ZeRO(model, 3, partial(loop.make_optimizer, lr=lr, kind="sgd"))
+    zero = ZeRO3(model, partial(models.make_optimizer, lr=lr, kind="sgd"))
     seen = {}
     model.conv1.register_forward_pre_hook(  # runs after ZeRO's own pre-hook: gathered
         lambda module, args: seen.update(conv1_running=tuple(module.weight.shape))

@@ -1,12 +1,15 @@
 """ZeRO-1, 2 and 3 written by hand with two collectives (lesson 08): ``reduce_scatter`` of the
 gradients, each rank updating its shard, ``all_gather`` of the parameters; ZeRO-3 gathers a module's
-weights just before it runs and again in backward (autograd's saved-tensor hooks)."""
+weights just before it runs and again in backward (autograd's saved-tensor hooks).
+
+One small base, :class:`ZeRO` (the shards, the two collectives, the step), and one class per stage
+that says what it keeps whole and when it communicates: :class:`ZeRO1`, :class:`ZeRO2` (ZeRO-1
+whose reduce-scatters run during backward), :class:`ZeRO3`."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -14,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-from course_utils.sharding.formulas import _stage, nbytes, state_bytes
+from course_utils.sharding.state import nbytes, state_bytes
 
 # PyTorch 2.13 renamed the two single-tensor collectives (the old names warn); older versions
 # have only the old ones
@@ -41,7 +44,7 @@ def zero1_step(model: nn.Module, optimizer, X: torch.Tensor, y: torch.Tensor, sh
     """One ZeRO-1 step on this rank's slice (X, y) of the global batch: backward as in DDP, a
     reduce-scatter of each gradient into its shard's ``.grad`` (averaged), the optimizer over the
     shards (:func:`shard_of`), an all-gather of the new shards into the parameters. The same
-    arithmetic as :meth:`ZeRO.train_step` at stage 1, with :func:`course_utils.loop.train_step`'s
+    arithmetic as :class:`ZeRO1`'s step, with :func:`course_utils.loop.train_step`'s
     signature plus ``shards``."""
     world_size = dist.get_world_size()
     optimizer.zero_grad(set_to_none=True)  # the shards' gradients
@@ -81,55 +84,38 @@ class Traffic:
 
 
 class ZeRO:
-    """Data parallel with sharded state, stage 1, 2 or 3, written with two collectives.
+    """Data parallel with sharded state, written with two collectives: what every stage shares.
 
-    ``model`` holds the same weights on every rank (the same seed). Each parameter is flattened,
-    padded to a multiple of N, and cut into N equal shards; rank r keeps shard r as a leaf tensor
-    (``self.shards``) and ``make_optimizer`` builds the optimizer over the shards only. Call
-    :meth:`train_step` (it has :func:`course_utils.loop.train_step`'s signature, for ``loop.fit``)
-    on each rank's slice of the global batch."""
+    ``model`` holds the same weights on every rank (the same seed). Each parameter is flattened
+    and cut into N pieces of S = ceil(numel / N) values; rank r keeps piece r, its *shard*
+    (:meth:`cut`: a view or a copy, by stage), as a leaf tensor in ``self.shards``, and
+    ``make_optimizer`` builds the optimizer over the shards only. :meth:`train_step` has
+    :func:`course_utils.loop.train_step`'s signature (for ``loop.fit``): call it on each rank's
+    slice of the global batch. The stages are the subclasses :class:`ZeRO1`, :class:`ZeRO2` and
+    :class:`ZeRO3`: each says what it keeps whole (:meth:`cut`) and when it communicates
+    (:meth:`after_backward`, :meth:`after_step`, or hooks that run during the step)."""
 
-    def __init__(self, model: nn.Module, stage: int, make_optimizer: Callable, group=None):
-        self.model, self.stage, self.group = model, _stage(stage), group
-        if stage == 0:
-            raise ValueError("stage 0 is plain data parallel: use course_utils.ddp")
+    stage = 0  # which ZeRO stage a subclass is
+
+    def __init__(self, model: nn.Module, make_optimizer: Callable, group=None):
+        self.model, self.group = model, group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.traffic = Traffic()
-        self.owned = []  # (module, name, shape, numel, shard): every parameter of the model
-        self.names = []  # their names in the model's state_dict
-        for prefix, module in model.named_modules():
-            for name, param in list(module._parameters.items()):
-                if param is not None:
-                    shard = self._cut(param).requires_grad_()
-                    self.owned.append((module, name, param.shape, param.numel(), shard))
-                    self.names.append(f"{prefix}.{name}" if prefix else name)
-        self.shards = [shard for *_, shard in self.owned]
+        named = list(model.named_parameters())
+        self.names = [name for name, _ in named]  # the model's state_dict names
+        self.shards = [self.cut(param).requires_grad_() for _, param in named]
         self.optimizer = make_optimizer(self.shards)
-        if stage == 2:  # drop each whole gradient as soon as its shard is reduce-scattered
-            for module, name, *_, shard in self.owned:
-                module._parameters[name].register_post_accumulate_grad_hook(
-                    lambda p, s=shard: self._scatter_into(p, s)
-                )
-        if stage == 3:
-            self._shard_parameters()
+
+    def cut(self, param: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of ``param`` (each stage decides: a view, or a copy)."""
+        raise NotImplementedError
 
     # the two collectives
-    def _cut(self, param: torch.Tensor) -> torch.Tensor:
-        """This rank's 1/N of ``param``, flattened (rank r: values r*S .. (r+1)*S - 1, where
-        S = ceil(numel / N); the last shards may be shorter, or empty). Stages 1 and 2 keep the
-        whole parameter, so the shard is a *view* into it: the optimizer updates it in place.
-        Stage 3 keeps only the shard: a copy, padded with zeros to S."""
-        if self.stage < 3:
-            return shard_of(param, self.rank, self.world)
-        size = math.ceil(param.numel() / self.world)
-        flat = padded(param.detach().reshape(-1), size * self.world)
-        return flat[self.rank * size : (self.rank + 1) * size].clone()
-
     def gather(self, shard: torch.Tensor, shape, numel: int) -> torch.Tensor:
         """The whole tensor from every rank's shard (``all_gather``)."""
         size = math.ceil(numel / self.world)
-        shard = F.pad(shard.detach(), (0, size - shard.numel()))  # equal sizes on every rank
+        shard = padded(shard.detach(), size)  # equal sizes on every rank
         out = torch.empty(size * self.world, dtype=shard.dtype, device=shard.device)
         _all_gather(out, shard, group=self.group)
         self.traffic.add("all_gather", out.numel() * out.element_size(), self.world)
@@ -137,81 +123,141 @@ class ZeRO:
 
     def scatter(self, whole_grad: torch.Tensor, keep: int | None = None) -> torch.Tensor:
         """This rank's shard of the gradient averaged over ranks (``reduce_scatter``, then / N);
-        its first ``keep`` values (the length of a view shard)."""
+        its first ``keep`` values (the length of a shard that is a view)."""
         flat = whole_grad.reshape(-1)
         size = math.ceil(flat.numel() / self.world)
-        flat = F.pad(flat, (0, size * self.world - flat.numel()))
+        flat = padded(flat, size * self.world)
         out = torch.empty(size, dtype=flat.dtype, device=flat.device)
         _reduce_scatter(out, flat.contiguous(), group=self.group)
         self.traffic.add("reduce_scatter", flat.numel() * flat.element_size(), self.world)
         return out[:keep].div_(self.world)
 
-    def _scatter_into(self, param: torch.Tensor, shard: torch.Tensor) -> None:
-        shard.grad = self.scatter(param.grad, shard.numel())
-        param.grad = None  # ZeRO-2: the whole gradient is gone; only the shard's stays
-
     # one step
     def train_step(self, model, optimizer, X: torch.Tensor, y: torch.Tensor):
-        """Forward and backward on this rank's batch, then each rank updates its shard and the
-        new parameters are gathered (stages 1, 2; stage 3 gathers them in the next forward)."""
-        self.optimizer.zero_grad(set_to_none=True)
-        self.model.zero_grad(set_to_none=True)
+        """Forward and backward on this rank's batch, the stage's communication, and each rank
+        updating its shard of every parameter."""
+        self.optimizer.zero_grad(set_to_none=True)  # the shards' gradients
+        self.model.zero_grad(set_to_none=True)  # the whole gradients (stages 1, 2)
         with record_function("forward"):
             logits = self(X)
             loss = F.cross_entropy(logits, y)
         with record_function("backward"):
-            loss.backward()  # stage 2 and 3: shards' gradients are filled during backward
-        if self.stage == 1:  # ZeRO-1 keeps whole gradients, and reduce-scatters them now
-            for module, name, *_, shard in self.owned:
-                grad = module._parameters[name].grad.view(-1)
-                start = self.rank * math.ceil(grad.numel() / self.world)  # where the shard starts
-                mine = grad[start : start + shard.numel()]  # the shard's part
-                shard.grad = mine.copy_(self.scatter(grad, shard.numel()))
+            loss.backward()  # ZeRO-2, 3: the shards' gradients are filled during backward
+        self.after_backward()  # ZeRO-1: reduce-scatter the whole gradients now
         with record_function("optimizer"):
             self.optimizer.step()  # each rank updates 1/N of every parameter
-        if self.stage < 3:  # every rank's updated shard, to every rank
-            with torch.no_grad():
-                for module, name, shape, numel, shard in self.owned:
-                    module._parameters[name].copy_(self.gather(shard, shape, numel))
+        self.after_step()  # ZeRO-1, 2: all-gather the new parameters
         return loss.detach(), (logits.argmax(dim=1) == y).sum()
 
+    def after_backward(self) -> None:
+        """What the stage does once backward is done (nothing, unless it says otherwise)."""
+
+    def after_step(self) -> None:
+        """What the stage does once the optimizer has stepped (nothing, unless it says so)."""
+
+    def __call__(self, X: torch.Tensor) -> torch.Tensor:
+        return self.model(X)
+
+
+class ZeRO1(ZeRO):
+    """ZeRO-1: the optimizer state sharded. Every rank keeps the whole parameters and gradients;
+    a shard is a *view* into its parameter, so the optimizer, updating the shard in place,
+    updates the parameter. After backward each gradient is reduce-scattered into its shard's
+    ``.grad``; after the step every rank's new shard is all-gathered into the parameters."""
+
+    stage = 1
+
+    def __init__(self, model: nn.Module, make_optimizer: Callable, group=None):
+        super().__init__(model, make_optimizer, group)
+        self.params = list(model.parameters())  # whole, in the order of self.shards
+
+    def cut(self, param: torch.Tensor) -> torch.Tensor:
+        return shard_of(param, self.rank, self.world)
+
+    def after_backward(self) -> None:
+        for param, shard in zip(self.params, self.shards):
+            grad = param.grad.view(-1)
+            start = self.rank * math.ceil(grad.numel() / self.world)  # where the shard starts
+            mine = grad[start : start + shard.numel()]  # the shard's part of the whole gradient
+            shard.grad = mine.copy_(self.scatter(grad, shard.numel()))
+
+    def after_step(self) -> None:
+        with torch.no_grad():
+            for param, shard in zip(self.params, self.shards):
+                param.copy_(self.gather(shard, param.shape, param.numel()))
+
     def state_bytes(self) -> dict:
-        """What this rank holds now: the whole parameters (stages 1, 2; the shards are views into
-        them) or only the shards (stage 3); whole gradients (stage 1) or the shards' gradients;
-        its share of the optimizer state."""
-        whole = [module._parameters[name] for module, name, *_ in self.owned if self.stage < 3]
-        held = state_bytes(whole or self.shards, self.optimizer)
-        held["gradients"] += sum(nbytes(s.grad) for s in self.shards) if self.stage == 2 else 0
+        """What this rank holds now: the whole parameters and gradients (the shards are views
+        into them) and its share of the optimizer state."""
+        return state_bytes(self.params, self.optimizer)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every parameter whole, by the model's names."""
+        return {name: param.detach().clone() for name, param in zip(self.names, self.params)}
+
+
+class ZeRO2(ZeRO1):
+    """ZeRO-2: the gradients sharded too. ZeRO-1, except that each whole gradient is
+    reduce-scattered the moment backward has produced it (a hook), then dropped: backward never
+    holds more than a few whole gradients at once."""
+
+    stage = 2
+
+    def __init__(self, model: nn.Module, make_optimizer: Callable, group=None):
+        super().__init__(model, make_optimizer, group)
+        for param, shard in zip(self.params, self.shards):
+            param.register_post_accumulate_grad_hook(lambda p, s=shard: self.scatter_into(p, s))
+
+    def scatter_into(self, param: torch.Tensor, shard: torch.Tensor) -> None:
+        shard.grad = self.scatter(param.grad, shard.numel())
+        param.grad = None  # the whole gradient is gone; only the shard's stays
+
+    def after_backward(self) -> None:
+        pass  # the hooks reduce-scattered every gradient during backward
+
+    def state_bytes(self) -> dict:
+        """ZeRO-1's bytes, with the shards' gradients in place of the whole ones."""
+        held = super().state_bytes()
+        held["gradients"] += sum(nbytes(shard.grad) for shard in self.shards)
         held["total"] = held["parameters"] + held["gradients"] + held["optimizer"]
         return held
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every parameter whole, by the model's names (a collective at stage 3)."""
-        out = {}
-        for full_name, (module, name, shape, numel, shard) in zip(self.names, self.owned):
-            if self.stage < 3:
-                out[full_name] = module._parameters[name].detach().clone()
-            else:
-                out[full_name] = self.gather(shard, shape, numel).clone()
-        return out
 
-    # ZeRO-3: gather a module's parameters just before it runs, drop them after
-    def _shard_parameters(self) -> None:
-        if any(isinstance(m, nn.RNNBase) for m in self.model.modules()):
+class ZeRO3(ZeRO):
+    """ZeRO-3: the parameters sharded too; only the shards stay. A module's weights are gathered
+    just before it runs and dropped right after (:meth:`_before`, :meth:`_after`: forward hooks);
+    backward gathers again the ones it saved (:meth:`forward_context`); and the all-gather is an
+    autograd step whose backward reduce-scatters the gradient to the shard (:class:`_Gather`)."""
+
+    stage = 3
+
+    def __init__(self, model: nn.Module, make_optimizer: Callable, group=None):
+        if any(isinstance(m, nn.RNNBase) for m in model.modules()):
             raise ValueError(
                 "ZeRO-3 by hand swaps parameters as module attributes, and nn.RNN keeps its own "
                 "list of them: use stage 1 or 2 for the RNN, or FSDP (fully_sharded)"
             )
+        super().__init__(model, make_optimizer, group)
         self._gathered: dict[int, tuple] = {}  # storage address -> shard, of the live weights
-        by_module: dict[nn.Module, list] = {}
-        for module, name, shape, numel, shard in self.owned:
-            del module._parameters[name]  # the whole tensor is gone; the shard remains
+        self._by_module: dict[nn.Module, list] = {}  # module -> (name, shape, numel, shard)
+        self.sizes = []  # (shape, numel) of every parameter, in the order of self.shards
+        for full_name, shard in zip(self.names, self.shards):
+            module_name, _, name = full_name.rpartition(".")
+            module = model.get_submodule(module_name)
+            whole = getattr(module, name)
+            self.sizes.append((whole.shape, whole.numel()))
+            self._by_module.setdefault(module, []).append((name, *self.sizes[-1], shard))
+            delattr(module, name)  # the whole tensor is gone; the shard remains
             setattr(module, name, None)
-            by_module.setdefault(module, []).append((name, shape, numel, shard))
-        self._by_module = by_module
-        for module in by_module:
+        for module in self._by_module:
             module.register_forward_pre_hook(self._before)
             module.register_forward_hook(self._after)
+
+    def cut(self, param: torch.Tensor) -> torch.Tensor:
+        """A copy of this rank's piece, padded with zeros to S values: the whole is dropped."""
+        size = math.ceil(param.numel() / self.world)
+        flat = padded(param.detach().reshape(-1), size * self.world)
+        return flat[self.rank * size : (self.rank + 1) * size].clone()
 
     def _before(self, module, args) -> None:
         for name, shape, numel, shard in self._by_module[module]:
@@ -226,10 +272,8 @@ class ZeRO:
             setattr(module, name, None)  # nothing keeps the whole weight: backward re-gathers
 
     def forward_context(self):
-        """Stage 3: what autograd saves for backward is checked as it is saved: a gathered weight
-        (or a view of one) is replaced by a note to gather it again, so it can be freed."""
-        if self.stage < 3:
-            return nullcontext()
+        """What autograd saves for backward is checked as it is saved: a gathered weight (or a
+        view of one) is replaced by a note to gather it again, so it can be freed."""
 
         def pack(tensor):
             found = self._gathered.get(tensor.untyped_storage().data_ptr())
@@ -250,6 +294,17 @@ class ZeRO:
         with self.forward_context():
             return self.model(X)
 
+    def state_bytes(self) -> dict:
+        """What this rank holds now: only the shards, their gradients, its optimizer state."""
+        return state_bytes(self.shards, self.optimizer)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every parameter whole, by the model's names (a collective)."""
+        return {
+            name: self.gather(shard, shape, numel).clone()
+            for name, shard, (shape, numel) in zip(self.names, self.shards, self.sizes)
+        }
+
 
 class _Gather(torch.autograd.Function):
     """ZeRO-3's all-gather as an autograd step: forward, the whole weight from the shards;
@@ -263,3 +318,6 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return ctx.zero.scatter(grad.contiguous()), None, None, None
+
+
+ZERO_CLASSES = {1: ZeRO1, 2: ZeRO2, 3: ZeRO3}  # the class of each stage

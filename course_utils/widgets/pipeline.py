@@ -8,15 +8,16 @@ import ipywidgets as widgets
 
 from course_utils import launch, plots
 from course_utils.measure import spread
-from course_utils.pipeline import schedules, worker
+from course_utils.pipeline import config_error, measured, schedules
 from course_utils.pipeline import stages as pipeline_stages
+from course_utils.pipeline.engine import ENGINES
 from course_utils.widgets.base import Panel
 
 
 class PipelinePanel(Panel):
     """Choose stages, microbatches, schedule and engine. The simulated timeline (from unit costs
     measured in this process with the workers' thread count) redraws at every change; Run trains
-    a few steps on real worker processes (:func:`course_utils.pipeline.worker.profile`) and draws
+    a few steps on real worker processes (:func:`course_utils.pipeline.measured.profile`) and draws
     the measured timeline and the speedup over one process beside it: the median of ``repeats``
     rounds (one process, then the pipeline), with a min-max bar. Its workers are CPU
     processes even on a GPU box, like the baseline and the simulated costs it is compared with
@@ -55,9 +56,7 @@ class PipelinePanel(Panel):
                 description="microbatches",
             ),
             "schedule": widgets.Dropdown(options=list(schedules.SCHEDULES), description="schedule"),
-            "engine": widgets.Dropdown(
-                options=list(worker.ENGINES), value="torch", description="engine"
-            ),
+            "engine": widgets.Dropdown(options=list(ENGINES), value="torch", description="engine"),
         }
         super().__init__(controls, title=f"Pipeline of the {model}, batch {batch_size}")
         self._on_control()  # the simulation is there before any Run
@@ -71,7 +70,7 @@ class PipelinePanel(Panel):
         return pipeline_stages.simulate_plan(self._costs[mb], schedule, stages, microbatches)
 
     def _launch(self, stages: int, microbatches: int, schedule: str, engine: str) -> dict:
-        run = worker.Profile(
+        run = measured.Profile(
             model=self.model_name,
             microbatches=microbatches,
             schedule=schedule,
@@ -81,14 +80,12 @@ class PipelinePanel(Panel):
         )
         # CPU workers, like the baseline and the simulation they are compared with
         return launch.run(
-            worker.profile, stages, run, threads=self.threads, timeout=300, device="cpu"
+            measured.profile, stages, run, threads=self.threads, timeout=300, device="cpu"
         )[0]
 
     def check(self, stages: int, microbatches: int, schedule: str, engine: str) -> str | None:
         if engine == "torch":  # the hand-written engine runs any setting; torch's refuses some
-            return worker.config_error(
-                self.model_name, stages, self.batch_size, microbatches, schedule
-            )
+            return config_error(self.model_name, stages, self.batch_size, microbatches, schedule)
         if self.batch_size % microbatches:
             return f"{microbatches} microbatches do not divide the batch of {self.batch_size}"
         return None
@@ -96,7 +93,7 @@ class PipelinePanel(Panel):
     def compute(self, stages: int, microbatches: int, schedule: str, engine: str) -> dict:
         rates, speedups = [], []
         for round_ in range(self.repeats):
-            base = self.baseline or worker.one_process_throughput(
+            base = self.baseline or measured.one_process_throughput(
                 self.model_name, self.batch_size, self.threads, self.num_steps
             )
             result = self.launch(stages, microbatches, schedule, engine)

@@ -8,8 +8,8 @@ import ipywidgets as widgets
 import torch
 import torch.nn as nn
 
-from course_utils import hardware, loop, plots
-from course_utils.measure import spread
+from course_utils import hardware, plots
+from course_utils.measure import spread, throughput
 from course_utils.widgets.base import Panel
 
 
@@ -26,7 +26,7 @@ class ThroughputPanel(Panel):
         y: torch.Tensor,
         batch_sizes: Sequence[int] = (16, 32, 64, 128, 256),
         num_steps: int = 10,
-        measure: Callable[..., float] = loop.measure_throughput,
+        measure: Callable[..., float] = throughput,
         repeats: int = 3,
     ):
         self.model, self.X, self.y = model, X, y

@@ -1,6 +1,9 @@
-"""The numbers behind lessons 11 and 12's answers: the compute-to-communication ratio of data
-parallelism, and a small decision guide (data, pipeline or both) driven by the same alpha-beta
-cost model as lesson 04 (memory under ZeRO / FSDP: :mod:`course_utils.sharding`). Pure functions of numbers: no processes.
+"""Cost models of parallel training, the numbers behind lessons 11 and 12's answers: what one
+data-parallel step costs in compute and in communication (:func:`data_parallel_times`, their
+ratio), and what a layout of ``stages x replicas`` devices costs in time and memory
+(:func:`plan`), from which a small decision guide picks data, pipeline or both
+(:func:`choose_parallelism`). Communication follows the same alpha-beta model as lesson 04
+(memory under ZeRO / FSDP: :mod:`course_utils.sharding`). Pure functions of numbers: no processes.
 
 Units: bytes, seconds, floating-point operations (FLOPs). A training step costs about 3x the
 forward pass's FLOPs (the backward pass computes two gradients per layer, ~2x the forward).

@@ -1,6 +1,7 @@
-"""Figures of lessons 11 and 12: the decision guide, the compute-to-communication ratio measured against
-the cost model, step times of ranks that wait for each other, attribution maps and how far they
-agree, and an autoencoder's 2-D code."""
+"""Figures of lessons 11 and 12, the article's challenges: the decision guide, the
+compute-to-communication ratio measured against the cost model (:mod:`course_utils.cost_model`),
+step times of ranks that wait for each other, attribution maps and how far they agree, and an
+autoencoder's 2-D code."""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""Lesson 05: the speedup panel, the sync-cost measurement, and the lesson's figures."""
+"""Lesson 05's figures and panels (the speedup panel, the sync-cost measurement, the timelines
+and the large-batch curves) and its hand-written ``average_gradients`` against the package's.
+
+A lesson's ``test_<subject>_figures.py`` tests what the lesson draws, and the code it writes by hand
+against the package's; the package itself is tested in ``test_<subject>.py`` (here ``test_ddp.py``).
+"""
 
 import matplotlib.pyplot as plt
 import numpy as np

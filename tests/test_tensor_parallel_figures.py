@@ -1,6 +1,10 @@
 """Lesson 09: its figures (Megatron's MLP split, a device mesh's groups, the measured
 tensor-parallel speedups with their spreads), and its hand-written layers against the package's
-(the same names and signatures, the same outputs and gradients)."""
+(the same names and signatures, the same outputs and gradients).
+
+A lesson's ``test_<subject>_figures.py`` tests what the lesson draws, and the code it writes by hand
+against the package's; the package itself is tested in ``test_<subject>.py`` (here
+``test_tensor_parallel.py``)."""
 
 import inspect
 import json

@@ -136,7 +136,7 @@ def test_the_lessons_zero1_step_trains_exactly_like_the_packages_and_the_zero_cl
             )
             shards = [sharding.shard_of(p, rank, world) for p in model.parameters()]
             optimizer = torch.optim.AdamW(shards, lr=0.1)
-            zero = sharding.ZeRO(model, 1, partial(torch.optim.AdamW, lr=0.1))
+            zero = sharding.ZeRO1(model, partial(torch.optim.AdamW, lr=0.1))
             losses = []
             for _ in range(3):
                 Xr, yr = X[rank::world], y[rank::world]
@@ -173,7 +173,7 @@ def test_zero3_traffic_prediction_is_what_zero3_sends():
         model = cu.models.build("cnn", seed=0)
         X = torch.randn(4, 1, 28, 28)
         predicted = sharding.probes.zero3_sent_per_step(cu.models.build("cnn", seed=0), X, 2)
-        zero = sharding.ZeRO(model, 3, partial(torch.optim.SGD, lr=0.1))
+        zero = sharding.ZeRO3(model, partial(torch.optim.SGD, lr=0.1))
         zero.train_step(model, zero.optimizer, X, torch.zeros(4, dtype=torch.long))
         return predicted, zero.traffic.bytes_sent
 
