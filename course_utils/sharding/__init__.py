@@ -44,7 +44,6 @@ from course_utils.sharding.formulas import (
 from course_utils.sharding.fsdp import (
     apply,
     fsdp_units,
-    full_state_dict,
     fully_sharded,
     grouped_units,
 )
@@ -76,7 +75,6 @@ __all__ = [
     "apply",
     "comm_per_rank",
     "fsdp_units",
-    "full_state_dict",
     "fully_sharded",
     "grouped_units",
     "memory_per_rank",

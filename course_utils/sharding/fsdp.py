@@ -1,10 +1,10 @@
 """PyTorch's FSDP2 (``fully_shard``, lesson 08): the course's units, a model sharded over a mesh,
-its whole state gathered from the shards, and ``--parallel fsdp``'s step in the composing module
-(:func:`apply`: one unit per block, so that a rank holds whole only the block it computes)."""
+and ``--parallel fsdp``'s step in the composing module (:func:`apply`: one unit per block, so that
+a rank holds whole only the block it computes). The whole model is gathered back from its
+DTensor shards by :func:`course_utils.parallelize.whole_model`."""
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
 # --- FSDP2: PyTorch's sharded data parallel ----------------------------------------------------------
@@ -45,15 +45,6 @@ def fully_sharded(
         fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
     return model
-
-
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """An FSDP model's whole parameters on the CPU, on every rank (a collective)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
-    state = get_model_state_dict(model, options=options)
-    return {k: v.detach().cpu() for k, v in state.items()}
 
 
 def apply(model: nn.Module, mesh) -> nn.Module:
