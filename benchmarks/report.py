@@ -79,6 +79,21 @@ def ddp_table(d: dict) -> tuple[str, list[str], list[list]]:
     return title, header + ["vs 1 process × 2 threads", "limit / 2 × 1 process"], rows
 
 
+def lockstep_table(d: dict) -> tuple[str, list[str], list[list]]:
+    ways = ("lockstep", "all_reduce", "ddp")
+    rows = [
+        [r["batch_size"]] + [f"{r[w]:.2f} ({_range(r[w + '_min'], r[w + '_max'])})" for w in ways]
+        for r in d["rows"]
+    ]
+    title = (
+        "What keeping 2 workers in step costs, with no bytes moved (`bench_lockstep.py`, CNN, 2 "
+        f"workers × 1 thread, median of {d['repeats']} paired rounds, min–max): each way's "
+        "samples/s over two independent half-batch processes"
+    )
+    header = ["batch", "barrier only", "flat all_reduce by hand", "DistributedDataParallel"]
+    return title, header, rows
+
+
 NAMES = {"cnn": "CNN", "rnn": "RNN", "transformer": "Transformer"}
 
 
@@ -323,6 +338,7 @@ def main() -> None:
     sources = {
         "loop_overhead": (loop_table, None),
         "ddp": (ddp_table, figure_ddp),
+        "lockstep": (lockstep_table, None),
         "pipeline": (pipeline_table, figure_pipeline),
         "collectives": (collectives_table, figure_collectives),
         "tp": (tp_table, None),
