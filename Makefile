@@ -53,7 +53,7 @@ notebooks: $(STAMP)
 # imports, so CI spawns three lessons (collectives, pipelines, profiling); make test already sends
 # every lesson's functions by value. SPAWN_LESSONS="notebooks/*.ipynb" spawns them all.
 SPAWN_LESSONS ?= notebooks/04_communication.ipynb notebooks/06_pipeline_parallel.ipynb \
-    notebooks/10_profiling.ipynb
+    notebooks/11_profiling.ipynb
 notebooks-spawn: $(STAMP)
 	COURSE_FAST=1 COURSE_START_METHOD=spawn $(BIN)/pytest --nbval-lax $(SPAWN_LESSONS)
 

@@ -1,4 +1,4 @@
-"""The experiments of lessons 11 and 12 (the article's challenges) that are plumbing, not the
+"""The experiments of lessons 12 and 13 (the article's challenges) that are plumbing, not the
 lesson's subject: the three models compared (a linear classifier beside the course's CNN and RNN)
 and their size, the timings of compute against an all-reduce on two workers, the cost of the
 CNN's blocks as pipeline stages, a small CNN trainer with the usual cures of overfitting (weight

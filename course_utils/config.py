@@ -44,10 +44,12 @@ PATH_FIELDS = ("json", "checkpoint", "profile", "data_dir")  # the fields that n
 class RunConfig:
     """One training run. Each field is a CLI flag (``batch_size`` → ``--batch-size``)."""
 
-    model: str = "cnn"  # which network: "cnn", "rnn" (the article's, corrected), "transformer"
+    model: str = "cnn"  # "cnn", "rnn" (the article's), "transformer", "pixels" (long), "moe"
     parallel: str = "none"  # strategy: "none", "ddp", "fsdp", "tp" (tensor parallel), "pipeline"
     nproc: int = 1  # worker processes (replicas, tensor-parallel ranks or pipeline stages)
     tp: int = 1  # with ddp or fsdp: tensor-parallel ranks per replica (2-D mesh: nproc = dp x tp)
+    cp: int = 1  # context-parallel ranks: each holds part of every sequence (ring attention)
+    ep: int = 1  # expert-parallel ranks: each holds some of the MoE's experts (all-to-all)
     batch_size: int = 64  # global batch, summed over all workers
     steps: int = 100  # optimizer steps
     lr: float = 0.01  # learning rate
@@ -79,7 +81,7 @@ class RunConfig:
 
     def record(self) -> dict:
         """What a checkpoint remembers of the run (checked by :func:`checkpoint.check`)."""
-        kept = ("model", "parallel", "nproc", "tp", "batch_size", "steps", "lr", "seed")
+        kept = ("model", "parallel", "nproc", "tp", "cp", "ep", "batch_size", "steps", "lr", "seed")
         kept += ("optimizer", "augment", "microbatches", "schedule")
         return {k: v for k, v in asdict(self).items() if k in kept}
 
@@ -151,6 +153,12 @@ def parse(argv: list[str] | None = None, world_size: int | None = None) -> RunCo
             f"--tp is for --parallel ddp or fsdp (a data x tensor parallel mesh); this run is "
             f"{cfg.parallel} (--parallel tp splits every layer over all --nproc ranks)"
         )
+    for name in ("cp", "ep"):
+        if name in given and cfg.parallel not in ("none", "ddp", "fsdp"):
+            raise UsageError(
+                f"{flag(name)} is for --parallel none, ddp or fsdp (it composes with data "
+                f"parallelism); this run is {cfg.parallel}"
+            )
     if world_size is not None and "nproc" in given and cfg.nproc != world_size:
         raise UsageError(
             f"--nproc {cfg.nproc}, but torchrun started {world_size} workers: leave out --nproc "
@@ -208,8 +216,11 @@ def validate(cfg: RunConfig, local_workers: int | None = None) -> None:
         ),
         (cfg.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {cfg.checkpoint_every}"),
         (
-            cfg.parallel != "none" or cfg.nproc == 1,
-            f"--parallel none runs one process; got --nproc {cfg.nproc} (use --parallel ddp)",
+            cfg.parallel != "none" or cfg.nproc == cfg.cp * cfg.ep,
+            f"--parallel none runs one process; got --nproc {cfg.nproc} (use --parallel ddp)"
+            if cfg.cp * cfg.ep == 1
+            else f"--parallel none with --cp {cfg.cp} and --ep {cfg.ep} runs one replica, "
+            f"{cfg.cp * cfg.ep} processes; got --nproc {cfg.nproc} (use --parallel ddp)",
         ),
     ]
     for ok, message in checks:

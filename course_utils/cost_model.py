@@ -1,4 +1,4 @@
-"""Cost models of parallel training, the numbers behind lessons 11 and 12's answers: what one
+"""Cost models of parallel training, the numbers behind lessons 12 and 13's answers: what one
 data-parallel step costs in compute and in communication (:func:`data_parallel_times`, their
 ratio), and what a layout of ``stages x replicas`` devices costs in time and memory
 (:func:`plan`), from which a small decision guide picks data, pipeline or both

@@ -33,26 +33,33 @@ def wrap(model: nn.Module, device: torch.device, group=None) -> DistributedDataP
     return DistributedDataParallel(model, device_ids=device_ids, process_group=group)
 
 
-def apply(model: nn.Module, mesh) -> nn.Module:
-    """Data parallel by replicas, the composing module's step 3 (:mod:`course_utils.parallelize`)
-    over ``mesh`` (its data-parallel ranks): ``model`` in ``DistributedDataParallel``.
+def apply(model: nn.Module, mesh, skip=()) -> nn.Module:
+    """Data parallel by replicas, the composing module's last step (:mod:`course_utils.parallelize`)
+    over ``mesh`` (its data-parallel ranks): ``model`` in ``DistributedDataParallel``. ``skip``:
+    parameters that another room averages itself (expert parallelism's experts, each held by
+    fewer ranks than the rest of the model), which data parallel leaves alone.
 
     A tensor-parallel model's parameters are DTensors, which ``DistributedDataParallel`` can't
     bucket (it concatenates plain tensors; PyTorch 2.13 refuses the mix). Each of those replicas
     averages its gradient slices over the data-parallel ranks itself, as soon as backward has
     produced each one (:func:`average_when_ready`): DDP's idea, without its buckets."""
-    if any(hasattr(param, "device_mesh") for param in model.parameters()):
-        return average_when_ready(model, mesh.get_group())
-    device = next(model.parameters()).device
-    return wrap(model, device, mesh.get_group())
+    skipped = {id(param) for param in skip}
+    own = [param for param in model.parameters() if id(param) not in skipped]
+    if any(hasattr(param, "device_mesh") for param in own):
+        return average_when_ready(model, mesh.get_group(), skip)
+    if skipped:
+        names = [name for name, param in model.named_parameters() if id(param) in skipped]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+    return wrap(model, own[0].device, mesh.get_group())
 
 
-def average_when_ready(model: nn.Module, group) -> nn.Module:
-    """``model`` (in place) with a hook on every parameter that all-reduces its gradient over
-    ``group`` and divides by the group's size the moment backward has accumulated it; a DTensor
-    gradient (a tensor-parallel slice) is averaged slice by slice. Every replica runs the same
-    backward, so the hooks meet in the same order on every rank."""
+def average_when_ready(model: nn.Module, group, skip=()) -> nn.Module:
+    """``model`` (in place) with a hook on every parameter (but those in ``skip``) that
+    all-reduces its gradient over ``group`` and divides by the group's size the moment backward
+    has accumulated it; a DTensor gradient (a tensor-parallel slice) is averaged slice by slice.
+    Every replica runs the same backward, so the hooks meet in the same order on every rank."""
     world_size = dist.get_world_size(group)
+    skipped = {id(param) for param in skip}
 
     def average(param: torch.Tensor) -> None:
         grad = param.grad.to_local() if hasattr(param.grad, "to_local") else param.grad
@@ -60,7 +67,8 @@ def average_when_ready(model: nn.Module, group) -> nn.Module:
         grad /= world_size
 
     for param in model.parameters():
-        param.register_post_accumulate_grad_hook(average)
+        if id(param) not in skipped:
+            param.register_post_accumulate_grad_hook(average)
     return model
 
 

@@ -1,4 +1,4 @@
-"""Reading the stacks a stuck run leaves behind (lesson 10): the frames of a ``faulthandler``
+"""Reading the stacks a stuck run leaves behind (lesson 11): the frames of a ``faulthandler``
 dump, which the launcher collects from every late rank (``LaunchTimeout.stacks[rank]``, from
 :mod:`course_utils.launch`). A slow run leaves a trace instead: :mod:`course_utils.profiling.trace`.
 """

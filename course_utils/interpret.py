@@ -1,4 +1,4 @@
-"""Lesson 11's interpretability helpers: image patches as the "features" of KernelSHAP and LIME,
+"""Lesson 12's interpretability helpers: image patches as the "features" of KernelSHAP and LIME,
 attribution maps brought to one patch grid, how far two maps agree (rank correlation, shared top
 patches), and a 2-D code judged by how well it separates the digits (a nearest-centroid classifier,
 PCA as the linear baseline). Pure tensor arithmetic: no plotting, no processes.

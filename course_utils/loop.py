@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 from tqdm.auto import tqdm
 
+from course_utils import moe
+
 
 class NonFiniteLoss(ArithmeticError):
     """The loss became NaN or infinite: training diverged (a learning rate far too large)."""
@@ -91,7 +93,7 @@ def train_step(
         logits = model(X)  # (B, num_classes)
         loss = F.cross_entropy(logits, y)  # mean over this process's batch
     with record_function("backward"):
-        loss.backward()
+        (loss + moe.auxiliary_loss(model)).backward()  # + a mixture of experts' balancing loss
     with record_function("optimizer"):
         optimizer.step()
     return loss.detach(), (logits.argmax(dim=1) == y).sum()

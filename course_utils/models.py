@@ -92,22 +92,29 @@ class FormulaRNN(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with separate query, key, value and output projections, so that
     tensor parallelism can split it by heads (lesson 09): each rank computes some heads. The
-    number of heads is read from the projections' width, so the same code runs whole or split."""
+    number of heads is read from the projections' width, so the same code runs whole or split.
+    ``causal``: each token attends to itself and the tokens before it only. ``attend``: the
+    attention of (q, k, v), each (B, heads, T, head_dim); None for PyTorch's own. Context
+    parallelism puts ring attention there (lesson 10), over the tokens a rank holds."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, causal: bool = False):
         super().__init__()
         if dim % heads:
             raise ValueError(f"width {dim} does not divide into {heads} heads")
-        self.head_dim = dim // heads
+        self.head_dim, self.causal = dim // heads, causal
         self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.out = nn.Linear(dim, dim)
+        self.attend = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape  # (B, T, dim)
         q, k, v = (
             f(x).view(B, T, -1, self.head_dim).transpose(1, 2) for f in (self.q, self.k, self.v)
         )
-        y = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, head_dim)
+        if self.attend is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        else:
+            y = self.attend(q, k, v)  # (B, heads, T, head_dim)
         return self.out(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, dim)
 
 
@@ -125,9 +132,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """A pre-norm transformer block: x + attention(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, dim: int, heads: int, hidden: int):
+    def __init__(self, dim: int, heads: int, hidden: int, causal: bool = False):
         super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads, causal)
         self.norm2, self.mlp = nn.LayerNorm(dim), MLP(dim, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,39 +145,65 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """A small vision transformer for MNIST: 7x7 patches as 16 tokens, a learned position per
     token, ``depth`` pre-norm blocks, the tokens' mean, a linear head (Dosovitskiy et al. 2020,
-    "An Image is Worth 16x16 Words", arXiv:2010.11929, at the size of a laptop)."""
+    "An Image is Worth 16x16 Words", arXiv:2010.11929, at the size of a laptop).
+
+    Context parallelism (lesson 10) gives each rank some of the tokens: ``positions`` (None: all
+    of them) picks which, and ``pool`` (None: the mean over the tokens) turns the rank's tokens
+    into one vector per image, summing over the ranks that hold the others."""
 
     def __init__(
-        self, dim: int = 64, heads: int = 4, hidden: int = 256, depth: int = 4, patch: int = 7
+        self,
+        dim: int = 64,
+        heads: int = 4,
+        hidden: int = 256,
+        depth: int = 4,
+        patch: int = 7,
+        causal: bool = False,
     ):
         super().__init__()
         if 28 % patch:
             raise ValueError(f"patch {patch} does not tile a 28x28 image")
         self.patch, self.dim, self.heads = patch, dim, heads
-        tokens = (28 // patch) ** 2
+        self.seq_len = (28 // patch) ** 2
         self.embed = nn.Linear(patch * patch, dim)
-        self.pos = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
-        self.blocks = nn.ModuleList(Block(dim, heads, hidden) for _ in range(depth))
+        self.pos = nn.Parameter(torch.randn(1, self.seq_len, dim) * 0.02)
+        self.blocks = nn.ModuleList(Block(dim, heads, hidden, causal) for _ in range(depth))
         self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 10)
+        self.positions: torch.Tensor | None = None
+        self.pool = None
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, 1, 28, 28) -> embedded patches with their positions (B, T, dim)."""
+        """Images (B, 1, 28, 28) -> embedded patches with their positions (B, T, dim), row by
+        row (raster order); only those at ``positions`` when set."""
         p = self.patch
         patches = x.unfold(2, p, p).unfold(3, p, p).reshape(x.shape[0], -1, p * p)  # (B, T, p*p)
-        return self.embed(patches) + self.pos
+        if self.positions is None:
+            return self.embed(patches) + self.pos
+        return self.embed(patches[:, self.positions]) + self.pos[:, self.positions]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.tokens(x)  # (B, T, dim)
         for block in self.blocks:
             h = block(h)
-        return self.head(self.norm(h).mean(dim=1))  # (B, 10)
+        h = self.norm(h)
+        return self.head(h.mean(dim=1) if self.pool is None else self.pool(h))  # (B, 10)
 
 
-MODELS = {"cnn": CNN, "rnn": RNN, "transformer": Transformer}
+class PixelTransformer(Transformer):
+    """MNIST as a long sequence (lesson 10): the image read row by row in 2x2 patches, 196
+    tokens, with causal attention (each token sees only the patches above and left of it, as an
+    image GPT reads them), then the tokens' mean and a linear head. Attention costs T^2: at 196
+    tokens it dominates, where the 16 tokens of :class:`Transformer` hardly count."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, hidden: int = 64, depth: int = 2):
+        super().__init__(dim, heads, hidden, depth, patch=2, causal=True)
+
+
+MODELS = {"cnn": CNN, "rnn": RNN, "transformer": Transformer, "pixels": PixelTransformer}
 
 
 def build(name: str, seed: int | None = None, **sizes) -> nn.Module:
-    """A fresh model by name (``"cnn"``, ``"rnn"`` or ``"transformer"``), its weights drawn from
+    """A fresh model by name (``"cnn"``, ``"rnn"``, ``"transformer"``, ``"pixels"``), its weights drawn from
     ``seed`` when given; ``sizes`` go to its constructor (e.g. the transformer's ``dim``)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}: choose from {sorted(MODELS)}")

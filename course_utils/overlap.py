@@ -1,4 +1,4 @@
-"""Lesson 10's overlap experiment: the same CNN step in several versions (all-reduces after
+"""Lesson 11's overlap experiment: the same CNN step in several versions (all-reduces after
 backward, DDP with one bucket, DDP with small buckets), each profiled on every rank, and read step
 by step.
 
@@ -68,7 +68,7 @@ def round_medians(rows: Sequence[dict], key: str) -> list[float]:
 
 
 def overlap_table(measured: dict[str, list[dict]]) -> Reading:
-    """Lesson 10's versions of a step side by side, from their :func:`step_rows` (over ranks,
+    """Lesson 11's versions of a step side by side, from their :func:`step_rows` (over ranks,
     steps and rounds): all-reduces per step, the step and its communication (median, lowest,
     highest, ms), and the median shares in the backward span and hidden."""
 

@@ -1,4 +1,4 @@
-"""A torchrun job that survives a killed worker (lesson 12, scripts/README.md): start the
+"""A torchrun job that survives a killed worker (lesson 13, scripts/README.md): start the
 training entry point on two workers under ``torchrun --max-restarts 1``, wait for rank 0's first
 checkpoint, SIGKILL one worker, and let torchrun restart both from the checkpoint. Also what the
 timed output says about the pace of the steps and the cost of the restart.

@@ -226,13 +226,18 @@ def plan(model: models.Transformer, sequence_parallel: bool = False) -> dict:
     return layout
 
 
+PLANNED = ("transformer", "pixels")  # the models :func:`plan` splits: blocks of Attention and MLP
+
+
 def config_error(model_name: str, tp: int, nproc: int, **sizes) -> str | None:
     """The one line that says why ``--tp`` can't split this model over these ranks, or None."""
-    if model_name != "transformer":
-        return f"--model {model_name} has no tensor-parallel plan (only the transformer has)"
+    if model_name not in PLANNED:
+        return (
+            f"--model {model_name} has no tensor-parallel plan (only {' and '.join(PLANNED)} have)"
+        )
     if tp < 1 or nproc % tp:
         return f"--nproc {nproc} is not a multiple of the tensor-parallel size {tp}"
-    defaults = inspect.signature(models.Transformer).parameters  # the model's sizes, by name
+    defaults = inspect.signature(models.MODELS[model_name]).parameters  # its sizes, by name
     dim, heads, hidden = (sizes.get(k, defaults[k].default) for k in ("dim", "heads", "hidden"))
     for what, n in (("heads", heads), ("width", dim), ("MLP width", hidden)):
         if n % tp:

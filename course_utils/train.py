@@ -152,14 +152,15 @@ def run(
 ) -> dict:
     """Validate and run one configuration; the notebooks' and tests' way in.
 
-    ``--parallel none`` trains here (with ``cfg.threads_per_worker`` threads, restored after);
+    ``--parallel none`` on one process trains here (with ``cfg.threads_per_worker`` threads,
+    restored after);
     otherwise :func:`course_utils.launch.run` starts ``nproc`` workers on ``cfg.device`` and
     rank 0's results come back. ``wall_s`` covers everything, start-up included."""
     start = time.perf_counter()
     validate(cfg)
     with ExitStack() as held:  # the checkpoint folder, for the whole run
         resume = _reserve(cfg, held)
-        if cfg.parallel == "none":
+        if cfg.nproc == 1 and cfg.parallel == "none":
             with loop.num_threads(cfg.threads_per_worker):
                 result = train_worker(cfg, progress, announce, resume)
         else:

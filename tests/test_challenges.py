@@ -1,4 +1,4 @@
-"""Lessons 11 and 12's experiment helpers (course_utils.challenges), the bf16 flags of
+"""Lessons 12 and 13's experiment helpers (course_utils.challenges), the bf16 flags of
 course_utils.hardware, the transformer job of the decision guide, and the decoded grid of an
 autoencoder's 2-D code."""
 

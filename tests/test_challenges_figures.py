@@ -1,4 +1,4 @@
-"""Lessons 11 and 12's figures (course_utils.plots.challenges), drawn from given numbers: the cost
+"""Lessons 12 and 13's figures (course_utils.plots.challenges), drawn from given numbers: the cost
 model against measurements, ranks' step times, attribution maps and an autoencoder's code."""
 
 import numpy as np

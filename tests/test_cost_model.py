@@ -1,4 +1,4 @@
-"""The cost models of course_utils.cost_model (lessons 11 and 12's numbers): the
+"""The cost models of course_utils.cost_model (lessons 12 and 13's numbers): the
 compute-to-communication ratio and the decision guide (ZeRO/FSDP memory: tests/test_sharding.py;
 the figures: tests/test_challenges_figures.py)."""
 

@@ -1,4 +1,4 @@
-"""Lesson 11's interpretability helpers: patch masks for captum, maps brought to patches, how far two
+"""Lesson 12's interpretability helpers: patch masks for captum, maps brought to patches, how far two
 attributions agree, and the measures that judge an autoencoder's 2-D code (PCA, nearest centroid);
 and captum's KernelSHAP against Shapley values computed exactly."""
 

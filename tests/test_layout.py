@@ -16,7 +16,7 @@ MAX_LINES = 350  # "a file past ~300 lines is asking to be split" (the project's
 # (notebooks -> widgets -> plots; train -> parallelize -> strategies -> launch, collectives,
 # checkpoint -> loop, models, data, hardware.)
 LAYERS = [
-    {"hardware", "data", "models", "loop", "measure", "readout", "scaling", "interpret"}
+    {"hardware", "data", "models", "moe", "loop", "measure", "readout", "scaling", "interpret"}
     | {"debugging", "single_device"},
     {"launch", "collectives", "checkpoint", "files", "profiling", "overlap"},
     {
@@ -24,6 +24,8 @@ LAYERS = [
         "sharding",
         "pipeline",
         "tensor_parallel",
+        "context_parallel",
+        "expert_parallel",
         "tp_timing",
         "cost_model",
         "challenges",
@@ -99,8 +101,9 @@ def test_settings_travel_as_parameters_not_environment_variables():
 
 # The strategies (docs/architecture.md, "Rooms"): each applies one axis to a model, with the same
 # face, and only the composing module puts them together.
-STRATEGIES = {"ddp", "sharding", "tensor_parallel", "pipeline"}
-APPLIED = {"tensor_parallel", "sharding", "ddp"}  # apply(model, mesh) -> the module to train
+STRATEGIES = {"ddp", "sharding", "tensor_parallel", "context_parallel", "expert_parallel"}
+STRATEGIES |= {"pipeline"}
+APPLIED = STRATEGIES - {"pipeline"}  # apply(model, mesh) -> the module to train
 
 
 def test_only_the_composing_module_imports_more_than_one_strategy():
@@ -125,7 +128,7 @@ def test_every_strategy_has_the_same_face():
         assert list(inspect.signature(apply).parameters)[:2] == ["model", "mesh"], name
     # a pipeline rank holds stages, not the model: its room builds the rank's whole role
     assert list(inspect.signature(cu.pipeline.role).parameters) == ["cfg", "me"]
-    for name in ("tensor_parallel", "pipeline"):  # what each room can't split, in one line
+    for name in ("tensor_parallel", "context_parallel", "expert_parallel", "pipeline"):
         assert callable(getattr(cu, name).config_error), name
 
 

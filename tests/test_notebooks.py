@@ -43,7 +43,7 @@ def test_notebooks_are_committed_without_outputs(path):
 def test_workers_with_cpu_tensors_are_launched_as_cpu_workers():
     # On a machine with GPUs, cu.launch.run gives its workers NCCL and a GPU each: a worker that
     # keeps its tensors on the CPU then fails ("no GPU tensor" in NCCL), and a speedup over a CPU
-    # baseline would compare a GPU with a CPU. Lessons 06-11 write such workers throughout, and
+    # baseline would compare a GPU with a CPU. Lessons 06-12 write such workers throughout, and
     # lesson 05 the ones it defines itself: they must ask for CPU workers (device="cpu"). (Lesson
     # 04's workers put their tensors on cu.launch.worker().device and run on either.)
     missing = []

@@ -1,4 +1,4 @@
-"""course_utils.overlap, lesson 10's overlap experiment: a row per profiled step (its length,
+"""course_utils.overlap, lesson 11's overlap experiment: a row per profiled step (its length,
 compute, communication, the shares in backward and hidden), rounds paired by their medians, the
 versions' table, and the worker that profiles each version."""
 

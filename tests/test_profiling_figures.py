@@ -1,4 +1,4 @@
-"""Lesson 10's figures (each rank's timeline, one step of several versions side by side, memory
+"""Lesson 11's figures (each rank's timeline, one step of several versions side by side, memory
 over time and over one step) and its hand-written overlap measure against the package's.
 
 A lesson's ``test_<subject>_figures.py`` tests what the lesson draws, and the code it writes by hand
@@ -72,7 +72,7 @@ def test_the_step_and_memory_figures_draw_a_panel_per_version():
 
 # --- the lesson's hand-written intervals and hidden share are the package's -----------------------
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "10_profiling.ipynb"
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "11_profiling.ipynb"
 
 
 def lesson_functions(*names: str) -> dict:

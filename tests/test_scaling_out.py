@@ -1,4 +1,4 @@
-"""Scaling out with torchrun (lesson 12, scripts/README.md): the multi-node form of the training
+"""Scaling out with torchrun (lesson 13, scripts/README.md): the multi-node form of the training
 entry point, run on one machine, and a worker killed mid-run that torchrun restarts from the last
 checkpoint. Both end with the per-step losses of one process training alone."""
 
@@ -106,7 +106,7 @@ def test_two_torchrun_agents_as_two_nodes_train_like_one_process(tmp_path):
 
 @pytest.mark.skipif(not HAS_PROC, reason="finds the worker to kill through /proc (Linux)")
 def test_a_killed_worker_is_restarted_and_the_run_resumes_from_its_checkpoint(tmp_path):
-    # lesson 12's run: torchrun, 2 workers, one SIGKILLed after rank 0's first checkpoint.
+    # lesson 13's run: torchrun, 2 workers, one SIGKILLed after rank 0's first checkpoint.
     # Restarted gloo workers must not meet in the store the first attempt used: its stale keys
     # send them to the dead workers' addresses and they hang (pytorch/pytorch#135712); the
     # helper sets TORCH_DISABLE_SHARE_RDZV_TCP_STORE so that every round gets a fresh store.

@@ -107,4 +107,6 @@ def test_the_cli_trains_tensor_parallel_like_one_process(parallel, nproc, tp_siz
     assert json.loads(json.dumps(split))["mesh"] == {
         "dp": nproc // max(tp_size, 1) if parallel == "ddp" else 1,
         "tp": tp_size if parallel == "ddp" else nproc,
+        "cp": 1,
+        "ep": 1,
     }

@@ -1,4 +1,4 @@
-"""Traces written by hand for the tests of lesson 10's helpers: a few events of known times, in
+"""Traces written by hand for the tests of lesson 11's helpers: a few events of known times, in
 the shape ``torch.profiler`` writes them (a complete span, a ``[memory]`` record, two profiled
 steps), so that every number a reading gives can be worked out on paper."""
 

@@ -1,4 +1,4 @@
-"""Running a function on N worker processes, from a notebook cell or a shell (lessons 03-11).
+"""Running a function on N worker processes, from a notebook cell or a shell (lessons 03-12).
 
 - :mod:`~course_utils.launch.runner`: :func:`run` starts the workers and brings their results
   (or the first error, with its rank and traceback) back to the caller;

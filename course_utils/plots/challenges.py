@@ -1,4 +1,4 @@
-"""Figures of lessons 11 and 12, the article's challenges: the decision guide, the
+"""Figures of lessons 12 and 13, the article's challenges: the decision guide, the
 compute-to-communication ratio measured against the cost model (:mod:`course_utils.cost_model`),
 step times of ranks that wait for each other, attribution maps and how far they agree, and an
 autoencoder's 2-D code."""
@@ -33,7 +33,7 @@ def decision_map(
     marks: dict | None = None,
     ax=None,
 ):
-    """Which strategy wins where (lesson 12's decision guide): ``choices[i][j]`` is the label at
+    """Which strategy wins where (lesson 13's decision guide): ``choices[i][j]`` is the label at
     ``(xs[j], ys[i])``, one colour per label, both axes logarithmic; ``marks`` ``{"name": (x, y)}``
     places named points (e.g. this machine) on the map."""
     from matplotlib.colors import ListedColormap
@@ -79,7 +79,7 @@ def cost_model(
     title: str | None = None,
     ax=None,
 ):
-    """Measured against modelled ratios (lesson 11's compute-to-communication ratio): one colour
+    """Measured against modelled ratios (lesson 12's compute-to-communication ratio): one colour
     per model, its measurements solid (medians of :class:`course_utils.measure.Spread` s, min-max
     bars, noisy points hollow) and the cost model dashed; log-log, with the line where the two
     times are equal."""
@@ -194,7 +194,7 @@ def agreement_matrix(
     k: int,
     title: str | None = None,
 ):
-    """How far attribution methods agree (lesson 11): two matrices, the mean Spearman rank
+    """How far attribution methods agree (lesson 12): two matrices, the mean Spearman rank
     correlation of their patch scores and the mean overlap of their top-``k`` patches, from
     :func:`course_utils.interpret.agreement` (``pairs[(a, b)]`` with keys ``spearman`` and
     ``overlap``); each cell is written in."""
@@ -240,7 +240,7 @@ def code_map(
     extent: tuple[float, float, float, float],
     title: str | None = None,
 ):
-    """An autoencoder's 2-D code (lesson 11): left, the code of each image as a dot coloured by
+    """An autoencoder's 2-D code (lesson 12): left, the code of each image as a dot coloured by
     its digit, the digit written at its class's mean; right, what the decoder draws at a grid of
     codes over the same ``extent`` ``(xmin, xmax, ymin, ymax)`` (``decoded``: ``(rows, cols,
     H, W)``, row 0 at the bottom)."""

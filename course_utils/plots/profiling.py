@@ -101,7 +101,7 @@ def memory_timeline(
 def step_timelines(
     rounds: Mapping[str, Mapping[int, Sequence[dict]]], step: int = 2, width: float = 11
 ):
-    """One panel per version of a step (``{name: {rank: events}}``, lesson 10's overlap
+    """One panel per version of a step (``{name: {rank: events}}``, lesson 11's overlap
     experiment): each rank's ``step``-th profiled step, as :func:`trace_timeline` draws it."""
     fig, axes = plt.subplots(len(rounds), 1, figsize=(width, 3.4 * len(rounds)), squeeze=False)
     for ax, (name, traces) in zip(axes[:, 0], rounds.items()):

@@ -1,5 +1,5 @@
 """Seeing inside a parallel run: ``torch.profiler`` traces, one per rank, and what they say
-(``--profile DIR``, lesson 10).
+(``--profile DIR``, lesson 11).
 
 Every training step of the course is labelled with ``record_function`` ("forward", "backward",
 "optimizer"; a pipeline's steps per microbatch), so a trace shows the phases of each rank. The

@@ -1,4 +1,4 @@
-"""Reading a trace: every function that says what a ``torch.profiler`` trace holds (lesson 10).
+"""Reading a trace: every function that says what a ``torch.profiler`` trace holds (lesson 11).
 
 A trace is a Chrome/Perfetto JSON file per rank (:class:`~course_utils.profiling.Recorder` writes
 them, :func:`events` reads one). What counts as what is decided here, once: a **phase** of a step
@@ -8,7 +8,7 @@ gradient computations less ``AccumulateGrad`` (:func:`is_backward_arithmetic`); 
 allocator's ``[memory]`` records (:func:`memory_records`).
 
 From those: a rank's :func:`summary` (compute, communication, how much of it overlapped backward),
-built from :func:`intervals`, :func:`common_us` and :func:`hidden_share`, which lesson 10 writes by
+built from :func:`intervals`, :func:`common_us` and :func:`hidden_share`, which lesson 11 writes by
 hand; one profiled step (:func:`step_events`), its collectives (:func:`collective_counts`), when
 each rank reached them (:func:`arrivals`), where its memory went (:func:`memory_by_phase`); every
 rank's trace in one file (:func:`merge_traces`). The figures (:mod:`course_utils.plots.profiling`)
@@ -86,7 +86,7 @@ def memory_records(events: Sequence[dict]) -> list[dict]:
 
 def intervals(events: Sequence[dict], keep: Callable[[dict], bool]) -> list[list[float]]:
     """The union of the ``[start, end]`` (microseconds) of the complete events that ``keep``
-    selects: sorted, no two overlapping (lesson 10, section 3)."""
+    selects: sorted, no two overlapping (lesson 11, section 3)."""
     merged: list[list[float]] = []
     for start, end in sorted(
         (e["ts"], e["ts"] + e.get("dur", 0)) for e in events if e.get("ph") == "X" and keep(e)
