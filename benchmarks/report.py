@@ -195,6 +195,72 @@ def collectives_table(d: dict) -> tuple[str, list[str], list[list]]:
     return title, header, rows
 
 
+def context_parallel_table(d: dict) -> tuple[str, list[str], list[list]]:
+    """One row per sequence length: cp 2 (zigzag) over one process, the contiguous split, the
+    share of the K/V transfer hidden, each rank's ring arithmetic, and the attention's bytes."""
+    memory = {m["tokens"]: m for m in d.get("memory", [])}
+    rows = []
+    for r in d["rows"]:
+        t, m = r["traces"], memory.get(r["tokens"])
+        bytes_ = ""
+        if m:
+            fused = max(m["fused_cp2_bytes"]) / m["fused_cp1_bytes"][0]
+            written = max(m["written_out_cp2_bytes"]) / m["written_out_cp1_bytes"][0]
+            bytes_ = f"{fused:.2f} / {written:.2f}"
+        rows.append(
+            [
+                r["tokens"] if r["tokens"] == 196 else f"{r['tokens']} (harness)",
+                r["batch_size"],
+                _x(r["zigzag_vs_one"]),
+                _range(r["zigzag_vs_one_min"], r["zigzag_vs_one_max"]),
+                _x(r["zigzag_vs_one_x_2_threads"]),
+                _x(r["contiguous_vs_one"]),
+                "/".join(f"{s['hidden']:.0%}" for s in t["cp zigzag"]),
+                "/".join(f"{s['posting_ms']:.0f}+{s['waited_ms']:.0f}" for s in t["cp zigzag"]),
+                "/".join(f"{s['blocks_ms']:.0f}" for s in t["cp zigzag"]),
+                "/".join(f"{s['blocks_ms']:.0f}" for s in t["cp contiguous"]),
+                bytes_,
+            ]
+        )
+    title = (
+        "Context parallel, causal pixel model on 2 ranks × 1 thread (`bench_context_parallel.py`, "
+        f"median of {d['repeats']} paired rounds; 196 tokens: `--model pixels --cp 2` as the "
+        "command line runs it; 784: the same model at patch 1 in the command line's worker): "
+        "speedup, the share of the ring's K/V transfer hidden behind attention (rank 0/1, from the "
+        "traces), ms per step posting and waiting for messages, the ring's arithmetic per rank for "
+        "the zigzag and the contiguous split, and one attention's peak bytes per rank at cp 2 over "
+        "one process's (PyTorch's flash kernel / both written out)"
+    )
+    header = ["tokens", "batch", "zigzag vs 1 process", "min–max", "vs 1 process × 2 threads"]
+    header += ["contiguous vs 1 process", "K/V hidden", "post+wait ms", "zigzag ring ms"]
+    return title, header + ["contiguous ring ms", "peak bytes cp2/cp1"], rows
+
+
+def experts_table(d: dict) -> tuple[str, list[str], list[list]]:
+    rows = [
+        [
+            r["batch_size"],
+            _x(r["ep_vs_one"]),
+            _range(r["ep_vs_one_min"], r["ep_vs_one_max"]),
+            _x(r["ep_vs_one_x_2_threads"]),
+            _x(r["ep_vs_ddp"]),
+            "/".join(f"{s['all_to_all_share']:.0%}" for s in r["traces"]["ep"]),
+            "/".join(f"{s['step_ms']:.0f}" for s in r["traces"]["ep"]),
+            f"{r['traces']['one'][0]['step_ms']:.0f}",
+        ]
+        for r in d["rows"]
+    ]
+    title = (
+        "Mixture of experts (`--model moe`, 4 experts, top-1), expert parallel on 2 ranks × 1 "
+        f"thread as the command line runs it (`bench_experts.py`, median of {d['repeats']} paired "
+        "rounds): throughput against one process holding every expert and against DDP on 2 ranks, "
+        "and from the traces the all-to-alls' share of a step (forward and backward, rank 0/1)"
+    )
+    header = ["batch", "vs 1 process × 1 thread", "min–max", "vs 1 process × 2 threads"]
+    header += ["vs DDP × 2", "all-to-all share", "ep step ms", "1 process step ms"]
+    return title, header, rows
+
+
 def widget_table(d: dict) -> tuple[str, list[str], list[list]]:
     rows = [
         [
@@ -343,6 +409,8 @@ def main() -> None:
         "collectives": (collectives_table, figure_collectives),
         "tp": (tp_table, None),
         "sharding": (sharding_table, None),
+        "context_parallel": (context_parallel_table, None),
+        "experts": (experts_table, None),
         "widgets": (widget_table, None),
     }
     machine = (

@@ -106,7 +106,8 @@ def exchange_counts(mesh, counts: torch.Tensor) -> tuple[torch.Tensor, int]:
         parts = [rows]  # an axis of one rank has nothing to gather
         if axis.size() > 1:
             parts = [torch.empty_like(rows) for _ in range(axis.size())]
-            dist.all_gather(parts, rows.contiguous(), group=axis.get_group())
+            with record_function("moe: counts"):
+                dist.all_gather(parts, rows.contiguous(), group=axis.get_group())
         rows = torch.stack(parts)  # (ep, experts), then (dp, ep, experts)
     rank = mesh["dp"].get_local_rank() * mesh["ep"].size() + mesh["ep"].get_local_rank()
     return rows.reshape(-1, counts.shape[-1]), rank
@@ -131,7 +132,8 @@ def dispatch(layer: moe.MoE, mesh, x: torch.Tensor, routing: moe.Routing) -> tor
     by_expert = local.repeat_interleave(arrived.flatten()).argsort(stable=True)
     shards = [getattr(layer, name).to_local() for name in moe.EXPERT_PARAMS]  # my experts'
     shards = [ScaleGradient.apply(shard, 1 / ep) for shard in shards]  # see the docstring
-    outputs = moe.run_experts(inputs[by_expert], arrived.sum(0).tolist(), *shards)
+    with record_function("moe: experts"):
+        outputs = moe.run_experts(inputs[by_expert], arrived.sum(0).tolist(), *shards)
     outputs = outputs[by_expert.argsort()]  # back in arrival order
     with record_function("moe: combine"):
         returned = AllToAll.apply(outputs, recv, send, group)  # (kept, dim), as sent
