@@ -27,6 +27,7 @@ LAYERS = [
         "context_parallel",
         "expert_parallel",
         "tp_timing",
+        "long_context",
         "cost_model",
         "challenges",
         "restart",

@@ -11,8 +11,10 @@ own grid) and returns the figure; importing this package changes no global matpl
 - :mod:`~course_utils.plots.sharding`: lesson 08 (memory per rank under ZeRO, traffic by stage);
 - :mod:`~course_utils.plots.tensor_parallel`: lesson 09 (Megatron's split, a device mesh, the
   measured tensor-parallel speedup and communication share);
-- :mod:`~course_utils.plots.profiling`: lesson 10 (timelines and memory from traces).
-- :mod:`~course_utils.plots.challenges`: lessons 11-12 (the cost model against measurements, the
+- :mod:`~course_utils.plots.long_context`: lesson 10 (attention's memory, the ring's timeline,
+  the ranks' balance, the bytes of ring and Ulysses, the experts' load, a cluster's layout);
+- :mod:`~course_utils.plots.profiling`: lesson 11 (timelines and memory from traces).
+- :mod:`~course_utils.plots.challenges`: lessons 12-13 (the cost model against measurements, the
   decision guide, attribution maps).
 """
 
@@ -21,6 +23,7 @@ from course_utils.plots.communication import *  # noqa: F403
 from course_utils.plots.core import *  # noqa: F403
 from course_utils.plots.data_parallel import *  # noqa: F403
 from course_utils.plots.diagrams import *  # noqa: F403
+from course_utils.plots.long_context import *  # noqa: F403
 from course_utils.plots.measured import *  # noqa: F403
 from course_utils.plots.pipeline import *  # noqa: F403
 from course_utils.plots.profiling import *  # noqa: F403
