@@ -114,6 +114,12 @@ def ring_cost(nbytes, world_size: int, alpha: float, beta: float):
     )
 
 
+def all_to_all_cost(sent_bytes, world_size: int, alpha: float, beta: float):
+    """Alpha-beta time of an all-to-all in which a rank sends ``sent_bytes`` in all: one message
+    to each other rank, ``(N - 1) alpha + bytes / beta`` (expert parallelism, lesson 10)."""
+    return (world_size - 1) * alpha + sent_bytes / beta
+
+
 @dataclass(frozen=True)
 class AlphaBeta:
     """A fitted alpha-beta model of an all-reduce on ``world_size`` ranks."""

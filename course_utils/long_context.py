@@ -8,8 +8,8 @@ parallelism is measured in the lesson itself: an experiments module imports one 
 - the ring as a timeline: a traced step (:func:`ring_trace`), its spans (:func:`ring_spans`) and
   the share of each transfer hidden behind arithmetic (:func:`transfers`);
 - a mixture of experts: the balancing loss and capacity swept (:func:`moe_run`,
-  :func:`moe_sweep`, :func:`moe_points`), and an all-to-all priced with lesson 04's alpha and
-  beta (:func:`all_to_all_cost`).
+  :func:`moe_sweep`, :func:`moe_points`); an all-to-all is priced with lesson 04's alpha and
+  beta by ``collectives.all_to_all_cost``.
 """
 
 from __future__ import annotations
@@ -304,9 +304,3 @@ def moe_points(runs: Sequence[dict], last: float = 0.25) -> list[dict]:
             point[key] = measure.spread(statistics.mean(r[key][-tail:]) for r in mine)
         points.append(point | {"accuracy": measure.spread(r["accuracy"] for r in mine)})
     return points
-
-
-def all_to_all_cost(sent_bytes, world_size: int, alpha: float, beta: float):
-    """Alpha-beta time of an all-to-all in which a rank sends ``sent_bytes`` in all: one message
-    to each other rank, ``(N - 1) alpha + bytes / beta`` (lesson 04's alpha and beta)."""
-    return (world_size - 1) * alpha + sent_bytes / beta

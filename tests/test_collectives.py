@@ -295,3 +295,8 @@ def test_gradient_sync_costs_draws_compute_and_both_all_reduces_with_the_models_
     np.testing.assert_allclose(diamonds[0].get_ydata(), per_tensor)
     np.testing.assert_allclose(diamonds[1].get_ydata(), bucket)
     plt.close("all")
+
+
+def test_the_all_to_all_costs_one_message_per_other_rank():
+    assert collectives.all_to_all_cost(1e6, 2, 1e-4, 1e9) == pytest.approx(1e-4 + 1e-3)
+    assert collectives.all_to_all_cost(0, 8, 1e-4, 1e9) == pytest.approx(7e-4)

@@ -158,8 +158,3 @@ def test_the_moe_sweep_runs_every_setting_two_at_a_time_and_its_points_spread_th
     assert points[0.0]["dropped"].samples == (0.2, 0.3)
     assert points[0.0]["accuracy"].samples == (0.5, 0.7)
     assert points[0.1]["imbalance"].samples == (1.0,)
-
-
-def test_the_all_to_all_costs_one_message_per_other_rank():
-    assert lc.all_to_all_cost(1e6, 2, 1e-4, 1e9) == pytest.approx(1e-4 + 1e-3)
-    assert lc.all_to_all_cost(0, 8, 1e-4, 1e9) == pytest.approx(7e-4)
