@@ -67,6 +67,7 @@ class RunConfig:
     profile: str | None = None  # folder for one torch.profiler trace per rank (default: none)
     data_dir: str | None = None  # folder with the full MNIST (default: the bundled subset)
     oversubscribe: bool = False  # allow more than 4 workers per core (MAX_WORKERS_PER_CORE)
+    timeout: float = 60.0  # seconds a collective waits for the other ranks before it fails
 
     def __post_init__(self) -> None:
         # "~" expanded once, here: the checks before the run and the writes after it use one path
@@ -189,6 +190,10 @@ def validate(cfg: RunConfig, local_workers: int | None = None) -> None:
             f"most {most}); add --oversubscribe to run them anyway",
         ),
         (cfg.steps >= 1, f"--steps must be at least 1, got {cfg.steps}"),
+        (
+            math.isfinite(cfg.timeout) and cfg.timeout > 0,
+            f"--timeout must be a positive number of seconds, got {cfg.timeout}",
+        ),
         (math.isfinite(cfg.lr) and cfg.lr > 0, f"--lr must be a positive number, got {cfg.lr}"),
         (
             not 0 < cfg.lr < LR_DTYPE.tiny,

@@ -178,6 +178,7 @@ def run(
                 timeout=timeout,
                 device=cfg.device,
                 oversubscribe=cfg.oversubscribe,
+                group_timeout=cfg.timeout,
             )
             result = per_rank[0]
     result = _complete(cfg, result)
@@ -217,7 +218,7 @@ def under_torchrun(cfg: RunConfig) -> int:
     code = 0
     try:
         validate(cfg, local_workers=int(os.environ.get("LOCAL_WORLD_SIZE", me.world_size)))
-        with ExitStack() as held, launch.process_group(cfg.device):
+        with ExitStack() as held, launch.process_group(cfg.device, cfg.timeout):
             resume = [_reserve(cfg, held) if me.is_main else None]
             dist.broadcast_object_list(resume, src=0)  # every rank loads what rank 0 verified
             result = train_worker(cfg, me.is_main and sys.stderr.isatty(), True, resume[0])
