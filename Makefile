@@ -8,7 +8,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: lab test lint unit e2e notebooks notebooks-spawn notebooks-full course site bench clean
+.PHONY: lab test lint unit e2e notebooks notebooks-spawn notebooks-full course site bench clean \
+    cluster-up cluster-status cluster-down cluster-test
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,7 +29,7 @@ lab: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	COURSE_FAST=1 $(BIN)/pytest --durations=15 tests
+	COURSE_FAST=1 $(BIN)/pytest --durations=15 tests --ignore=tests/cluster
 	COURSE_FAST=1 COURSE_SEND_BY_VALUE=1 $(BIN)/pytest --nbval-lax --durations=5 notebooks
 
 lint: $(STAMP)
@@ -36,7 +37,23 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 unit: $(STAMP)
-	COURSE_FAST=1 $(BIN)/pytest tests --ignore=tests/e2e
+	COURSE_FAST=1 $(BIN)/pytest tests --ignore=tests/e2e --ignore=tests/cluster
+
+# A cluster on one machine (as root): nodes in network namespaces, a rate-limited link between
+# them (scripts/README.md). make cluster-up CLUSTER_ARGS="--nodes 3 --rate 100mbit"
+CLUSTER_ARGS ?= --nodes 2 --rate 1gbit
+cluster-up: $(STAMP)
+	scripts/cluster up $(CLUSTER_ARGS)
+cluster-status: $(STAMP)
+	scripts/cluster status
+cluster-down: $(STAMP)
+	scripts/cluster down
+
+# Every test on the cluster (CI runs it after make test, as root): up and down leaving nothing,
+# the link's rate, torchrun across the nodes, SLURM (Debian's slurm-wlm and munge), failures.
+# Without root, or without SLURM, they skip and say why.
+cluster-test: $(STAMP)
+	COURSE_FAST=1 $(BIN)/pytest -v --durations=10 tests/cluster
 
 # The widgets as a learner uses them: JupyterLab in headless Chromium, driven by Playwright
 # (Debian's `chromium` package; no browser download). Screenshots go to build/e2e/.
