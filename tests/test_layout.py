@@ -28,6 +28,7 @@ LAYERS = [
         "expert_parallel",
         "tp_timing",
         "long_context",
+        "many_machines",
         "cost_model",
         "challenges",
         "restart",
