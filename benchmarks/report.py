@@ -261,6 +261,57 @@ def experts_table(d: dict) -> tuple[str, list[str], list[list]]:
     return title, header, rows
 
 
+def cluster_table(d: dict) -> tuple[str, list[str], list[list]]:
+    """One row per link of the cluster's DDP runs (and one process on half the batch): the step
+    against the alpha-beta model and against the model with the link's token bucket, the
+    all-reduce traced and modelled, and the bytes on the link per step."""
+    if d.get("skipped"):
+        return (
+            "A cluster on one machine (`bench_cluster.py`): not measured",
+            ["why"],
+            [[d["skipped"]]],
+        )
+    rows = []
+    for r in d["rows"]:
+        row = [r["link"], f"{r['step_ms']:.1f}", f"{r['step_ms_min']:.1f}–{r['step_ms_max']:.1f}"]
+        if "model_ms" in r:
+            for key in ("model", "bucket_model"):
+                gap = f"{r[f'of_{key}'] - 1:+.0%} ({r[f'of_{key}_min'] - 1:+.0%} to "
+                row += [f"{r[f'{key}_ms']:.1f}", gap + f"{r[f'of_{key}_max'] - 1:+.0%})"]
+        else:
+            row += ["", "", "", ""]
+        comm = ""
+        if "trace" in r:
+            comm = f"{r['trace']['transfer_ms']:.1f}"
+            if "model_comm_ms" in r:
+                comm += f" / {r['model_comm_ms']:.1f} / {r['bucket_model_comm_ms']:.1f}"
+        sent = ""
+        if "sent_per_step" in r:
+            sent = "/".join(f"{b / r['ring_bytes_sent']:.3f}" for b in r["sent_per_step"])
+        rows.append(row + [comm, sent])
+    up, link = d["bring_up"], d["link"]
+    burst = next((r["burst_bytes"] for r in d["rows"] if "burst_bytes" in r), 0)
+    title = (
+        f"DDP across a cluster on one machine, 2 nodes × 1 worker (network namespaces), CNN, "
+        f"batch {d['batch_size']}, torchrun running the command line on each node "
+        f"(`bench_cluster.py`, median of {d['repeats']} rounds, the links in turns): the step "
+        "against the alpha-beta model at the link's rate (its compute: the same round's step on "
+        f"the unlimited link; alpha {link['alpha_s'] * 1e6:.0f} µs, fitted across the nodes) and "
+        f"against the model with the link's token bucket ({burst / 1024:.0f} KiB leave at once); "
+        "the gradient's all-reduce in ms, traced on the rank that reached it last / by the model "
+        "/ with the bucket; the bytes each node sent per step over the ring's "
+        f"{d['rows'][-1].get('ring_bytes_sent', 0):,.0f}. Bring-up of 2 nodes "
+        f"{up['api_up_s']['median']:.2f} s through the API, {up['cli_up_s']['median']:.2f} s "
+        "by `python -m course_utils.cluster up` (Python's start and its imports included); "
+        f"tear-down {up['api_down_s']['median']:.2f} s and {up['cli_down_s']['median']:.2f} s; "
+        f"other programs kept {d['machine']['others_busy_cores']:.1f} of the "
+        f"{d['machine']['cores']} cores busy meanwhile"
+    )
+    header = ["link", "step ms", "min–max", "model ms", "gap (min to max)", "bucket model ms"]
+    header += ["gap (min to max)", "all-reduce ms: traced / model / bucket", "sent / ring bytes"]
+    return title, header, rows
+
+
 def widget_table(d: dict) -> tuple[str, list[str], list[list]]:
     rows = [
         [
@@ -411,6 +462,7 @@ def main() -> None:
         "sharding": (sharding_table, None),
         "context_parallel": (context_parallel_table, None),
         "experts": (experts_table, None),
+        "cluster": (cluster_table, None),
         "widgets": (widget_table, None),
     }
     machine = (

@@ -17,6 +17,7 @@ import importlib
 import os
 import sys
 import time
+import traceback
 from contextlib import ExitStack
 from dataclasses import asdict
 
@@ -35,6 +36,7 @@ from course_utils import (
     sharding,
 )
 from course_utils.config import RunConfig, UsageError, parse, validate
+from course_utils.launch import postmortem
 
 SYNC_EVERY = 16  # steps between the sums of the workers' metrics (without --checkpoint-every)
 # Failures one line explains (exit 1): a diverging loss, a changed checkpoint, a full disk
@@ -232,10 +234,11 @@ def under_torchrun(cfg: RunConfig) -> int:
     except FAILURES as err:
         _error(err, me.is_main)
         code = 1
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
+    except BaseException as err:
+        if postmortem.collective_failure(err):  # every rank, not only rank 0: each says where
+            _error(postmortem.where_it_failed(cfg.parallel, cfg.timeout, me.rank, err))
+        else:
+            traceback.print_exc()
         code = 1
     launch.exit_cleanly(code)  # gloo can abort at interpreter exit after DDP: skip teardown
     return code

@@ -54,9 +54,12 @@ def torchrun_commands(path: str) -> list[tuple[str, list[str]]]:
 
 
 def split_command(words: list[str]) -> tuple[dict[str, str], list[str]]:
-    """``NAME=value ... torchrun args``: the variables, and the command from torchrun on."""
+    """``NAME=value ... torchrun args``: the variables, and the command from torchrun on. A
+    launcher before torchrun (``sudo -E scripts/cluster run 1 --``: a node of the one-machine
+    cluster) is not a variable."""
     start = next(i for i, word in enumerate(words) if Path(word).name == "torchrun")
-    variables = dict(word.split("=", 1) for word in words[:start])
+    assigned = [w for w in words[:start] if re.fullmatch(r"[A-Za-z_]\w*=.*", w)]
+    variables = dict(word.split("=", 1) for word in assigned)
     return variables, words[start:]
 
 

@@ -12,8 +12,9 @@ nodes every byte crosses two veths and the bridge.
 **A slow link.** Each veth's sending side gets a token bucket (``tc qdisc ... tbf``), on the node's
 end and on the switch's, so each node sends and receives at most ``rate`` (for example ``1gbit``),
 against the many GB/s of loopback: the network of a real cluster is slower than its nodes. The
-bucket lets a burst through at full speed first (``burst``: at least 256 KiB, or 2 ms at the rate:
-veths hand over 64 KiB segments, and a smaller bucket would never pass one).
+bucket lets a burst through at full speed first: 2 ms at the rate (250 KB at 1 Gbit/s), at least
+16 KiB. A bigger bucket would make a slow link look fast: most of a small model's gradients would
+leave at once.
 
 **Nothing left behind.** Everything is named after the cluster (``course-node0``,
 ``course-switch``); :func:`down` kills every process in its namespaces and deletes them (their
@@ -42,7 +43,7 @@ LINK = "eth0"  # each node's link to the switch (GLOO_SOCKET_IFNAME for cross-no
 BRIDGE = "br0"
 ETC = Path("/etc/netns")  # ip netns exec bind-mounts /etc/netns/<ns>/hosts over /etc/hosts
 STATE = Path("/run/course-cluster")  # <name>.json: the running cluster's nodes and rate
-MIN_BURST = 256 * 1024  # bytes: at least four 64 KiB segments in the bucket
+MIN_BURST = 16 * 1024  # bytes: the bucket's least burst (tbf splits larger segments)
 MAX_NODES = 16
 
 
@@ -210,8 +211,15 @@ def pids(namespace: str) -> list[int]:
     return [int(p) for p in _run("ip", "netns", "pids", namespace, check=False).split()]
 
 
-def kill_node(cluster: Cluster, node: int, sig: int = signal.SIGKILL) -> list[int]:
-    """Kill every process on ``node`` (a machine that loses power); returns their pids."""
+def kill_node(
+    cluster: Cluster, node: int, sig: int = signal.SIGKILL, silent: bool = False
+) -> list[int]:
+    """Kill every process on ``node``; returns their pids. The node's kernel lives on and answers
+    its peers with resets, so their connections fail at once: a crashed program. ``silent``
+    cuts its link first: a machine that loses power, which its peers learn of only by their own
+    timeouts."""
+    if silent:
+        set_link(cluster, node, False)
     killed = pids(cluster.namespace(node))
     for pid in killed:
         try:
@@ -242,7 +250,8 @@ def down(name: str = NAME, wait_s: float = 5.0) -> list[str]:
     for ns in spaces:
         _run("ip", "netns", "delete", ns, check=False)
     for folder in ETC.glob(f"{name}-*") if ETC.exists() else []:
-        shutil.rmtree(folder, ignore_errors=True)
+        if folder.name[len(name) + 1 :].startswith(("node", "switch")):  # not course-x's
+            shutil.rmtree(folder, ignore_errors=True)
     (STATE / f"{name}.json").unlink(missing_ok=True)
     left = existing(name)
     if left:

@@ -55,11 +55,14 @@ def command(
     job_id: str = "course",
     port: int = PORT,
     rdzv_conf: str = RDZV_CONF,
+    head: int = 0,
 ) -> list[str]:
-    """The torchrun command for ``node`` (run there with :func:`course_utils.cluster.spawn`)."""
+    """The torchrun command for ``node`` (run there with :func:`course_utils.cluster.spawn`);
+    the rendezvous is on node ``head`` (another one when node 0 is lost and the job starts again
+    on the nodes that are left)."""
     if rdzv not in ("static", "c10d"):
         raise ValueError(f"rdzv must be 'static' or 'c10d', got {rdzv!r}")
-    head = cluster.address(0)
+    head = cluster.address(head)
     argv = [str(TORCHRUN), "--nnodes", str(nnodes), "--nproc-per-node", str(nproc_per_node)]
     if rdzv == "static":
         argv += ["--node-rank", str(node), "--master-addr", head, "--master-port", str(port)]

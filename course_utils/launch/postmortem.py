@@ -15,8 +15,12 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import time
+import traceback
 from multiprocessing.connection import wait
+
+import torch.distributed as dist
 
 from course_utils.launch import processes
 
@@ -141,3 +145,41 @@ def late_ranks(procs: list, pending: dict, until: float, meeting) -> tuple[dict,
     late = {rank: whereabouts(procs[rank]) for rank in sorted(silent)}
     running = [rank for rank, what in late.items() if what.startswith("still running")]
     return late, stacks(procs, running, meeting)
+
+
+# Under torchrun: one line per rank for a collective that failed (course_utils.train). The
+# course's own frames in a traceback are those under this folder:
+PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+# What a failed collective was doing: by strategy and part of the step, else by the part's name
+OPERATIONS = {
+    ("ddp", "backward"): "gradient all-reduce (backward)",
+    ("fsdp", "backward"): "gradient reduce-scatter (backward)",
+    "Metrics.record": "losses' all-reduce",
+    "under_torchrun": "start (rank 0's checkpoint to resume)",
+    "train_worker": "end of the run",
+}
+
+
+def collective_failure(err: BaseException) -> bool:
+    """A collective or its store timed out or lost a peer: c10d's DistError, gloo's RuntimeError."""
+    first = str(err).partition("\n")[0]
+    return isinstance(err, dist.DistError) or (type(err) is RuntimeError and "gloo" in first)
+
+
+def where_it_failed(parallel: str, timeout_s: float, rank: int, err: BaseException) -> str:
+    """Rank, node, step (``loop.fit``'s, read from the traceback) and operation of a failed
+    collective: ``rank 1 (node1): step 7 gradient all-reduce (backward) timed out after 5 s``."""
+    frames = [frame for frame, _ in traceback.walk_tb(err.__traceback__)]
+    ours = [f for f in frames if f.f_code.co_filename.startswith(PACKAGE)]
+    fit = next((f.f_locals for f in ours if f.f_code.co_name == "fit"), None)
+    step = f"step {fit.get('first_step', 0) + fit.get('step', 0) + 1} " if fit else ""
+    part = ours[-1].f_code.co_qualname if ours else "?"
+    if part == "train_step":  # the default step: its backward, or its forward or update
+        backward = any(f.f_code.co_name == "_engine_run_backward" for f in frames)
+        part = "backward" if backward else "forward or update"
+    what = OPERATIONS.get((parallel, part), OPERATIONS.get(part, part))
+    first = str(err).strip().partition("\n")[0]
+    reason = re.sub(r"^\[[^\]]*\] ", "", first).split(". ")[0]  # less gloo's "[file.cc:12] "
+    timed_out = re.search(r"timed out|timeout", first, re.IGNORECASE)
+    how = f"timed out after {timeout_s:g} s" if timed_out else "failed"
+    return f"rank {rank} ({socket.gethostname()}): {step}{what} {how}: {reason}"

@@ -19,7 +19,8 @@ needs_cluster = pytest.mark.skipif(REASON is not None, reason=f"no cluster here:
 def leftovers(name: str) -> list[str]:
     """What of cluster ``name`` still exists: namespaces, /etc/netns folders, its record."""
     left = cluster.existing(name)
-    left += [str(p) for p in cluster.ETC.glob(f"{name}-*")] if cluster.ETC.exists() else []
+    ours = cluster.ETC.glob(f"{name}-*") if cluster.ETC.exists() else []
+    left += [str(p) for p in ours if p.name[len(name) + 1 :].startswith(("node", "switch"))]
     record = cluster.STATE / f"{name}.json"
     return left + ([str(record)] if record.exists() else [])
 
