@@ -12,9 +12,10 @@ nodes every byte crosses two veths and the bridge.
 **A slow link.** Each veth's sending side gets a token bucket (``tc qdisc ... tbf``), on the node's
 end and on the switch's, so each node sends and receives at most ``rate`` (for example ``1gbit``),
 against the many GB/s of loopback: the network of a real cluster is slower than its nodes. The
-bucket lets a burst through at full speed first: 2 ms at the rate (250 KB at 1 Gbit/s), at least
-16 KiB. A bigger bucket would make a slow link look fast: most of a small model's gradients would
-leave at once.
+bucket lets a burst through at full speed first (:func:`burst_bytes`: 2 ms at the rate, at least
+256 KiB), saved up while the link is idle: a wire can't do that, and lesson 14 measures what it
+lends a small model's all-reduce (most of the CNN's 334 KB of gradients leave at once). A smaller
+bucket is more like a wire on slow links (``tbf`` splits the veth's 64 KiB segments to fit).
 
 **Nothing left behind.** Everything is named after the cluster (``course-node0``,
 ``course-switch``); :func:`down` kills every process in its namespaces and deletes them (their
@@ -43,7 +44,7 @@ LINK = "eth0"  # each node's link to the switch (GLOO_SOCKET_IFNAME for cross-no
 BRIDGE = "br0"
 ETC = Path("/etc/netns")  # ip netns exec bind-mounts /etc/netns/<ns>/hosts over /etc/hosts
 STATE = Path("/run/course-cluster")  # <name>.json: the running cluster's nodes and rate
-MIN_BURST = 16 * 1024  # bytes: the bucket's least burst (tbf splits larger segments)
+MIN_BURST = 256 * 1024  # bytes: the bucket's least burst (what a cloud's rate limit lends)
 MAX_NODES = 16
 
 
@@ -113,12 +114,17 @@ def rate_bytes(rate: str) -> float:
     raise ValueError(f"link rate {rate!r}: give a number with tc's units, like 1gbit or 100mbit")
 
 
+def burst_bytes(rate: str) -> int:
+    """The token bucket's size on a link of ``rate``: 2 ms at the rate, at least MIN_BURST."""
+    return max(MIN_BURST, int(rate_bytes(rate) * 0.002))
+
+
 def _shape(namespace: str, device: str, rate: str | None) -> None:
     """Put (or replace) the token bucket on one veth's sending side; None removes it."""
     if rate is None:
         _run("tc", "-n", namespace, "qdisc", "del", "dev", device, "root", check=False)
         return
-    burst = max(MIN_BURST, int(rate_bytes(rate) * 0.002))
+    burst = burst_bytes(rate)
     _run(
         "tc", "-n", namespace, "qdisc", "replace", "dev", device, "root", "tbf",
         "rate", rate, "burst", str(burst), "latency", "200ms",

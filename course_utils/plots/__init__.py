@@ -15,7 +15,9 @@ own grid) and returns the figure; importing this package changes no global matpl
   the ranks' balance, the bytes of ring and Ulysses, the experts' load, a cluster's layout);
 - :mod:`~course_utils.plots.profiling`: lesson 11 (timelines and memory from traces).
 - :mod:`~course_utils.plots.challenges`: lessons 12-13 (the cost model against measurements, the
-  decision guide, attribution maps).
+  decision guide, attribution maps);
+- :mod:`~course_utils.plots.many_machines`: lesson 14 (the one-machine cluster, step times at
+  each link rate, the bytes on a link over time, an elastic job's timeline).
 """
 
 from course_utils.plots.challenges import *  # noqa: F403
@@ -24,6 +26,7 @@ from course_utils.plots.core import *  # noqa: F403
 from course_utils.plots.data_parallel import *  # noqa: F403
 from course_utils.plots.diagrams import *  # noqa: F403
 from course_utils.plots.long_context import *  # noqa: F403
+from course_utils.plots.many_machines import *  # noqa: F403
 from course_utils.plots.measured import *  # noqa: F403
 from course_utils.plots.pipeline import *  # noqa: F403
 from course_utils.plots.profiling import *  # noqa: F403
