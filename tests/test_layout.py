@@ -18,7 +18,7 @@ MAX_LINES = 350  # "a file past ~300 lines is asking to be split" (the project's
 LAYERS = [
     {"hardware", "data", "models", "moe", "loop", "measure", "readout", "scaling", "interpret"}
     | {"debugging", "single_device"},
-    {"launch", "cluster", "collectives", "checkpoint", "files", "profiling", "overlap"},
+    {"launch", "cluster", "collectives", "topology", "checkpoint", "files", "profiling", "overlap"},
     {
         "ddp",
         "sharding",
