@@ -67,10 +67,12 @@ notebooks: $(STAMP)
 
 # Lessons with every worker spawned (fresh interpreters, the notebook's functions sent by value)
 # instead of forked: how they run where fork is missing or unsafe. A spawned worker costs ~2 s of
-# imports, so CI spawns three lessons (collectives, pipelines, profiling); make test already sends
-# every lesson's functions by value. SPAWN_LESSONS="notebooks/*.ipynb" spawns them all.
-SPAWN_LESSONS ?= notebooks/04_communication.ipynb notebooks/06_pipeline_parallel.ipynb \
-    notebooks/11_profiling.ipynb
+# imports, so CI spawns one lesson, the one with the most workers written in its cells
+# (collectives), to stay within its time now that the cluster's tests run too; make test already
+# sends every lesson's functions by value. SPAWN_LESSONS="notebooks/*.ipynb" spawns them all
+# (SPAWN_LESSONS="notebooks/04*.ipynb notebooks/06*.ipynb notebooks/11*.ipynb": CI's three until
+# the cluster came).
+SPAWN_LESSONS ?= notebooks/04_communication.ipynb
 notebooks-spawn: $(STAMP)
 	COURSE_FAST=1 COURSE_START_METHOD=spawn $(BIN)/pytest --nbval-lax $(SPAWN_LESSONS)
 
