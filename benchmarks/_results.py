@@ -28,3 +28,14 @@ def save(name: str, rows: list, repeats: int, watch, extra: dict | None = None) 
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(out, indent=1))
     return path
+
+
+def skip(name: str, reason: str, repeats: int, watch) -> None:
+    """Not measured here (no cluster: ``reason``): the reason in ``<name>.json``, unless it holds
+    an earlier measurement, which is kept (a run without root must not wipe a root run's)."""
+    path = RESULTS / f"{name}.json"
+    if path.is_file() and json.loads(path.read_text()).get("rows"):
+        print(f"{name}: not measured ({reason}); {path} keeps its earlier measurements")
+        return
+    path = save(name, [], repeats, watch, {"skipped": reason})
+    print(f"{name}: not measured ({reason}); wrote {path}")

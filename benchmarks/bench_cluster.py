@@ -53,7 +53,7 @@ from functools import partial
 from pathlib import Path
 
 import _command_line as command_line
-from _results import RESULTS, save
+from _results import save, skip
 
 import course_utils as cu
 from course_utils import cluster, collectives, profiling
@@ -373,16 +373,6 @@ def _line(row: dict) -> str:
     return text
 
 
-def skip(reason: str, repeats: int, watch) -> None:
-    """No cluster here: the reason in the results, unless they hold an earlier measurement."""
-    path = RESULTS / "cluster.json"
-    if path.is_file() and json.loads(path.read_text()).get("rows"):
-        print(f"cluster: not measured ({reason}); {path} keeps its earlier measurements")
-        return
-    path = save("cluster", [], repeats, watch, {"skipped": reason})
-    print(f"cluster: not measured ({reason}); wrote {path}")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=5)
@@ -420,7 +410,7 @@ def main() -> None:
                 for name in NAMES.values():
                     cluster.down(name)
     if reason is not None:
-        skip(reason, args.repeats, watch)
+        skip("cluster", reason, args.repeats, watch)
         return
     print(watch.note())
     extra |= {"steps": args.steps, "batch_size": args.batch_size, "quick": args.quick}

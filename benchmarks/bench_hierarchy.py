@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from _results import RESULTS, save
+from _results import save, skip
 
 import course_utils as cu
 from course_utils import cluster, topology
@@ -199,16 +199,6 @@ def report(rows: list[dict], extra: dict, rate: str) -> None:
         print(f"{op:>12}: node links sent {sent} MB, model {c['model'] / 1e6:.2f} MB of payload")
 
 
-def skip(reason: str, repeats: int, watch) -> None:
-    """No cluster here: the reason in the results, unless they hold an earlier measurement."""
-    path = RESULTS / "hierarchy.json"
-    if path.is_file() and json.loads(path.read_text()).get("rows"):
-        print(f"hierarchy: not measured ({reason}); {path} keeps its earlier measurements")
-        return
-    path = save("hierarchy", [], repeats, watch, {"skipped": reason})
-    print(f"hierarchy: not measured ({reason}); wrote {path}")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rate", default="100mbit", help="the link's rate, tc's units")
@@ -242,7 +232,7 @@ def main() -> None:
             finally:
                 cluster.down(NAME)
     if reason is not None:
-        skip(reason, args.repeats, watch)
+        skip("hierarchy", reason, args.repeats, watch)
         return
     rows, extra = analyse(measured, 2, args.per_node)
     report(rows, extra, args.rate)

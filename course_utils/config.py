@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from course_utils import checkpoint, data, hardware, models, parallelize, profiling
+from course_utils import checkpoint, compression, data, hardware, models, parallelize, profiling
 from course_utils.launch.runner import MAX_WORKERS_PER_CORE
+from course_utils.precision import config_error as precision_error
 
 MAX_SEED = 2**31 - 1  # seeds index torch generators (with room for the epoch number)
 # The learning rate is applied in the parameters' dtype (every model is float32). Below float32's
@@ -50,6 +51,7 @@ class RunConfig:
     tp: int = 1  # with ddp or fsdp: tensor-parallel ranks per replica (2-D mesh: nproc = dp x tp)
     cp: int = 1  # context-parallel ranks: each holds part of every sequence (ring attention)
     ep: int = 1  # expert-parallel ranks: each holds some of the MoE's experts (all-to-all)
+    replicate: int = 1  # fsdp only: HSDP, R replicas of shards over nproc / R consecutive ranks
     batch_size: int = 64  # global batch, summed over all workers
     steps: int = 100  # optimizer steps
     lr: float = 0.01  # learning rate
@@ -68,6 +70,8 @@ class RunConfig:
     data_dir: str | None = None  # folder with the full MNIST (default: the bundled subset)
     oversubscribe: bool = False  # allow more than 4 workers per core (MAX_WORKERS_PER_CORE)
     timeout: float = 60.0  # seconds a collective waits for the other ranks before it fails
+    compress: str = "none"  # ddp only: gradients on the wire as bf16, powersgd:R, topk:F or sign
+    precision: str = "fp32"  # fp32, bf16 (autocast) or fp16 (autocast, loss scaling): none/ddp/fsdp
 
     def __post_init__(self) -> None:
         # "~" expanded once, here: the checks before the run and the writes after it use one path
@@ -83,7 +87,7 @@ class RunConfig:
     def record(self) -> dict:
         """What a checkpoint remembers of the run (checked by :func:`checkpoint.check`)."""
         kept = ("model", "parallel", "nproc", "tp", "cp", "ep", "batch_size", "steps", "lr", "seed")
-        kept += ("optimizer", "augment", "microbatches", "schedule")
+        kept += ("optimizer", "augment", "microbatches", "schedule", "compress", "precision")
         return {k: v for k, v in asdict(self).items() if k in kept}
 
 
@@ -231,8 +235,8 @@ def validate(cfg: RunConfig, local_workers: int | None = None) -> None:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
-    error = parallelize.Axes.of(cfg).error(cfg)  # the layout of the ranks, and each axis's room
-    if error:
+    rooms = (parallelize.Axes.of(cfg).error, compression.config_error, precision_error)
+    if error := next(filter(None, (room(cfg) for room in rooms)), None):  # the first, in order
         raise UsageError(error)
     _check_device(cfg.device, local)
     _check_output("--json", cfg.json, folder=False)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
 
-from course_utils import data, launch, models
+from course_utils import compression, data, launch, models
 
 
 def wrap(model: nn.Module, device: torch.device, group=None) -> DistributedDataParallel:
@@ -33,11 +33,13 @@ def wrap(model: nn.Module, device: torch.device, group=None) -> DistributedDataP
     return DistributedDataParallel(model, device_ids=device_ids, process_group=group)
 
 
-def apply(model: nn.Module, mesh, skip=()) -> nn.Module:
+def apply(model: nn.Module, mesh, skip=(), compress: str = "none") -> nn.Module:
     """Data parallel by replicas, the composing module's last step (:mod:`course_utils.parallelize`)
     over ``mesh`` (its data-parallel ranks): ``model`` in ``DistributedDataParallel``. ``skip``:
     parameters that another room averages itself (expert parallelism's experts, each held by
-    fewer ranks than the rest of the model), which data parallel leaves alone.
+    fewer ranks than the rest of the model), which data parallel leaves alone. ``compress``: how
+    the buckets travel (``--compress``: "none", "bf16", "powersgd:R", "topk:F", "sign"; a
+    communication hook of :mod:`course_utils.compression`), for plain tensors only.
 
     A tensor-parallel model's parameters are DTensors, which ``DistributedDataParallel`` can't
     bucket (it concatenates plain tensors; PyTorch 2.13 refuses the mix). Each of those replicas
@@ -46,11 +48,15 @@ def apply(model: nn.Module, mesh, skip=()) -> nn.Module:
     skipped = {id(param) for param in skip}
     own = [param for param in model.parameters() if id(param) not in skipped]
     if any(hasattr(param, "device_mesh") for param in own):
+        if compression.parse(compress).kind != "none":
+            raise ValueError(f"--compress {compress} needs DDP's buckets, not DTensor slices")
         return average_when_ready(model, mesh.get_group(), skip)
     if skipped:
         names = [name for name, param in model.named_parameters() if id(param) in skipped]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
-    return wrap(model, own[0].device, mesh.get_group())
+    wrapped = wrap(model, own[0].device, mesh.get_group())
+    compression.register(wrapped, compress, mesh.get_group())
+    return wrapped
 
 
 def average_when_ready(model: nn.Module, group, skip=()) -> nn.Module:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 from tqdm.auto import tqdm
 
-from course_utils import moe
+from course_utils import moe, precision
 
 
 class NonFiniteLoss(ArithmeticError):
@@ -85,17 +85,23 @@ class History:
 
 
 def train_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, X: torch.Tensor, y: torch.Tensor
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    amp: precision.Mixed = precision.FP32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step: forward, loss, backward, update. Returns the (detached) loss and correct count."""
+    """One step: forward, loss, backward, update. Returns the (detached) loss and correct count.
+    ``amp``: the precision (``--precision``, :mod:`course_utils.precision`): the forward under
+    autocast, and under fp16 the loss scaled and a step with inf or NaN gradients skipped."""
     optimizer.zero_grad(set_to_none=True)
-    with record_function("forward"):  # named spans in a profiler's trace (--profile)
+    with record_function("forward"), amp.autocast(X.device.type):  # spans in a profiler's trace
         logits = model(X)  # (B, num_classes)
-        loss = F.cross_entropy(logits, y)  # mean over this process's batch
+        loss = F.cross_entropy(logits, y)  # mean over this process's batch (float32 under autocast)
     with record_function("backward"):
-        (loss + moe.auxiliary_loss(model)).backward()  # + a mixture of experts' balancing loss
+        amp.backward(loss + moe.auxiliary_loss(model))  # + a mixture of experts' balancing loss
     with record_function("optimizer"):
-        optimizer.step()
+        amp.step(optimizer)
     return loss.detach(), (logits.argmax(dim=1) == y).sum()
 
 

@@ -23,7 +23,8 @@ and in which order:
      input and recomputes the rest in backward;
   5. **data parallel** over every rank that holds the same parameters, ``dp x ep x cp``
      (:func:`replicas`): ``sharding.apply`` (FSDP2, one unit per block) or ``ddp.apply`` (a
-     replica per rank). Each expert is replicated over ``dp`` only: its room averages it.
+     replica per rank; with ``--replicate R``, HSDP: shards over groups of consecutive ranks,
+     replicated over R groups). Each expert is replicated over ``dp`` only: its room averages it.
 
   The order is not a matter of taste. FSDP shards whatever parameters it finds, so the tensor-
   parallel slices must exist first (FSDP then shards each slice again: a 2-D layout). Context and
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -56,6 +58,7 @@ from course_utils import (
     loop,
     models,
     pipeline,
+    precision,
     sharding,
     tensor_parallel,
 )
@@ -75,6 +78,7 @@ class Axes:
     cp: int = 1  # context parallel: ranks that each hold some tokens of every sequence
     ep: int = 1  # expert parallel: ranks that each hold some experts (and read their own slice)
     data: str = "ddp"
+    replicate: int = 1  # HSDP (data "fsdp"): groups that each hold the model in dp / R shards
 
     DIMS = ("dp", "ep", "cp", "tp")  # the mesh's dimensions, outermost first
 
@@ -90,7 +94,7 @@ class Axes:
         data = cfg.parallel if cfg.parallel in DATA_PARALLEL else "ddp"
         inner = max(cfg.tp, 1) * max(cfg.cp, 1) * max(cfg.ep, 1)
         dp = max(cfg.nproc // inner, 1)
-        return cls(dp=dp, tp=cfg.tp, cp=cfg.cp, ep=cfg.ep, data=data)
+        return cls(dp=dp, tp=cfg.tp, cp=cfg.cp, ep=cfg.ep, data=data, replicate=cfg.replicate)
 
     @property
     def world_size(self) -> int:
@@ -125,6 +129,10 @@ class Axes:
                 f"--batch-size {cfg.batch_size} does not divide among {self.data_ranks} {what} "
                 f"(use a multiple of {self.data_ranks})"
             )
+        if self.replicate != 1:
+            error = self._hybrid_error()
+            if error:
+                return error
         if self.tp > 1 or cfg.parallel == "tp":
             error = tensor_parallel.config_error(cfg.model, self.tp, cfg.nproc)
             if error:
@@ -140,6 +148,21 @@ class Axes:
         if self.pp > 1 or cfg.parallel == "pipeline":
             return pipeline.config_error(
                 cfg.model, cfg.nproc, cfg.batch_size, cfg.microbatches, cfg.schedule
+            )
+        return None
+
+    def _hybrid_error(self) -> str | None:
+        """Why ``--replicate`` can't run (one line), or None: HSDP needs FSDP's shards, and
+        groups of equal size among the ranks that hold the same parameters."""
+        if self.replicate < 1:
+            return f"--replicate must be at least 1, got {self.replicate}"
+        if self.data != "fsdp":
+            return "--replicate is for --parallel fsdp (HSDP: replicas of a sharded model)"
+        groups = self.dp * self.cp
+        if groups % self.replicate:
+            return (
+                f"--replicate {self.replicate} does not divide the {groups} data-parallel ranks "
+                "into groups of equal size (each group holds the model in shards)"
             )
         return None
 
@@ -185,11 +208,19 @@ def checkpoint_activations(model: nn.Module) -> nn.Module:
     return model
 
 
-def parallelize(model: nn.Module, axes: Axes, mesh, recompute: bool = False) -> nn.Module:
+def parallelize(
+    model: nn.Module,
+    axes: Axes,
+    mesh,
+    recompute: bool = False,
+    compress: str = "none",
+    precision: str = "fp32",
+) -> nn.Module:
     """``model`` with every axis applied, in the order the module's docstring gives: tensor,
-    context and expert parallel, activation checkpointing (``recompute``), data parallel.
-    Returns what the loop trains: the model itself (sharded or split in place), or its DDP
-    wrapper."""
+    context and expert parallel, activation checkpointing (``recompute``), data parallel
+    (``compress``: how DDP's gradients travel, ``--compress``; ``precision``: FSDP's gathered
+    parameters in bfloat16 with ``bf16``, ``--precision``). Returns what the loop trains:
+    the model itself (sharded or split in place), or its DDP wrapper."""
     if axes.tp > 1:
         tensor_parallel.apply(model, mesh["tp"])  # 1. the layers become slices
     if axes.cp > 1:
@@ -201,7 +232,9 @@ def parallelize(model: nn.Module, axes: Axes, mesh, recompute: bool = False) -> 
     if axes.ep > 1:  # 5. replicas, each expert averaged by its own room
         return ddp.apply(model, replicas(mesh), skip=expert_parallel.expert_parameters(model))
     if axes.dp * axes.cp > 1 or (axes.data == "fsdp" and mesh is not None):
-        model = DATA_PARALLEL[axes.data](model, replicas(mesh))  # 5. replicas or shards
+        extra = {"compress": compress} if axes.data == "ddp" else {"replicate": axes.replicate}
+        extra |= {"precision": precision} if axes.data == "fsdp" else {}
+        model = DATA_PARALLEL[axes.data](model, replicas(mesh), **extra)  # 5. replicas or shards
     return model
 
 
@@ -213,10 +246,11 @@ def role(cfg, me: launch.Worker) -> tuple[loop.Role, Callable[[], nn.Module | No
         return pipeline.role(cfg, me)  # this rank holds a stage: the pipeline room builds it
     mesh = axes.mesh(me.device.type)
     model = models.build(cfg.model, seed=cfg.seed).to(me.device)  # same weights on every rank
-    trained_module = parallelize(model, axes, mesh)
+    trained_module = parallelize(model, axes, mesh, compress=cfg.compress, precision=cfg.precision)
     optimizer = models.make_optimizer(model, cfg.lr, cfg.optimizer)  # over this rank's tensors
     reader = data_ranks(mesh) if mesh is not None else None
     inner = {"tp": axes.tp, "cp": axes.cp, "ep": axes.ep}
+    inner |= {"replicate": axes.replicate} if axes.replicate > 1 else {}  # HSDP's groups
     part = loop.Role(
         trained_module,
         optimizer,
@@ -227,6 +261,7 @@ def role(cfg, me: launch.Worker) -> tuple[loop.Role, Callable[[], nn.Module | No
         # context-parallel ranks compute the same loss on every rank)
         reduce=(lambda stats: _sum_over(stats, reader.get_group())) if mesh is not None else None,
         is_main=me.is_main,
+        step_fn=partial(loop.train_step, amp=precision.Mixed(cfg.precision)),  # --precision
         params=[(name, 0, param) for name, param in model.named_parameters()],
         sharded=axes.data == "fsdp" and mesh is not None,  # checkpoints: one file per rank (DCP)
         info={"mesh": {"dp": axes.dp, **inner}} if any(n > 1 for n in inner.values()) else {},

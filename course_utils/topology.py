@@ -1,4 +1,4 @@
-"""Two kinds of links (the many-machines lesson): the alpha-beta model of lesson 04 with a fast link inside a node
+"""Two kinds of links (lesson 15): the alpha-beta model of lesson 04 with a fast link inside a node
 and a slow one between nodes, and the hierarchical all-reduce that the slow link asks for.
 
 Ranks are numbered node by node, as torchrun numbers them: with ``nodes`` x ``per_node`` ranks,

@@ -16,9 +16,21 @@ MAX_LINES = 350  # "a file past ~300 lines is asking to be split" (the project's
 # (notebooks -> widgets -> plots; train -> parallelize -> strategies -> launch, collectives,
 # checkpoint -> loop, models, data, hardware.)
 LAYERS = [
-    {"hardware", "data", "models", "moe", "loop", "measure", "readout", "scaling", "interpret"}
+    {
+        "hardware",
+        "data",
+        "models",
+        "moe",
+        "loop",
+        "precision",
+        "measure",
+        "readout",
+        "scaling",
+        "interpret",
+    }
     | {"debugging", "single_device"},
-    {"launch", "cluster", "collectives", "topology", "checkpoint", "files", "profiling", "overlap"},
+    {"launch", "cluster", "collectives", "topology", "compression", "checkpoint", "files"}
+    | {"profiling", "overlap"},
     {
         "ddp",
         "sharding",
@@ -29,6 +41,7 @@ LAYERS = [
         "tp_timing",
         "long_context",
         "many_machines",
+        "slow_link",
         "cost_model",
         "challenges",
         "restart",

@@ -51,6 +51,9 @@ NEWEST_FIRST = (LATEST, LATEST_DCP, PREVIOUS, PREVIOUS_DCP)
 # Settings that change the numbers: a checkpoint resumes only under the same ones. (The number of
 # workers does not: the global batch is the same arithmetic, to float32 rounding.)
 ARITHMETIC = ("model", "parallel", "batch_size", "lr", "seed", "optimizer", "augment")
+ARITHMETIC += ("compress", "precision")  # how gradients travel, the step's dtypes
+# what a checkpoint written before a setting existed ran with
+UNRECORDED = {"compress": "none", "precision": "fp32"}
 
 
 class CheckpointError(ValueError):

@@ -12,7 +12,14 @@ import numpy as np
 import torch
 
 from course_utils import files, loop, models
-from course_utils.checkpoint import ARITHMETIC, NEWEST_FIRST, CheckpointError, _read, latest
+from course_utils.checkpoint import (
+    ARITHMETIC,
+    NEWEST_FIRST,
+    UNRECORDED,
+    CheckpointError,
+    _read,
+    latest,
+)
 
 
 def record(settings: dict, images: np.ndarray, labels: np.ndarray) -> dict:
@@ -35,7 +42,7 @@ def check(directory: str | Path | None, config: dict) -> tuple[dict | None, list
         return None, skipped
     saved = state["config"]
     for field in ARITHMETIC:
-        if saved.get(field) != config.get(field):
+        if saved.get(field, UNRECORDED.get(field)) != config.get(field, UNRECORDED.get(field)):
             raise CheckpointError(
                 f"the checkpoint in {directory} is of a run with --{field.replace('_', '-')} "
                 f"{saved.get(field)}, not {config.get(field)}: resume with the same value, or "

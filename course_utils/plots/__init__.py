@@ -32,4 +32,5 @@ from course_utils.plots.pipeline import *  # noqa: F403
 from course_utils.plots.profiling import *  # noqa: F403
 from course_utils.plots.scaling_laws import *  # noqa: F403
 from course_utils.plots.sharding import *  # noqa: F403
+from course_utils.plots.slow_link import *  # noqa: F403
 from course_utils.plots.tensor_parallel import *  # noqa: F403

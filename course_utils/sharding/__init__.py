@@ -20,7 +20,9 @@ PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``, :func:`fully_sharded`) 
 with ``reshard_after_forward=False``) with parameters as sharded DTensors, one all-gather per
 *unit* (a group of layers), prefetching of the next unit's all-gather and gradients
 reduce-scattered per unit. ``--parallel fsdp`` shards one transformer block per unit
-(:func:`apply`): a rank then holds whole only the block it computes, besides its shards.
+(:func:`apply`): a rank then holds whole only the block it computes, besides its shards. With
+``--replicate R`` it is HSDP (:func:`hybrid_mesh`): shards over groups of consecutive ranks (a
+node's), the groups replicas of one another, so that only gradients' shards cross between nodes.
 
 :func:`zero1_step` (with :func:`shard_of` and :func:`padded`) is ZeRO-1 exactly as the lesson
 writes it by hand, and :class:`ZeRO1`, :class:`ZeRO2`, :class:`ZeRO3` are the three stages over
@@ -46,6 +48,7 @@ from course_utils.sharding.fsdp import (
     fsdp_units,
     fully_sharded,
     grouped_units,
+    hybrid_mesh,
 )
 from course_utils.sharding.state import PeakState, nbytes, state_bytes
 from course_utils.sharding.zero import (
@@ -77,6 +80,7 @@ __all__ = [
     "fsdp_units",
     "fully_sharded",
     "grouped_units",
+    "hybrid_mesh",
     "memory_per_rank",
     "nbytes",
     "padded",
