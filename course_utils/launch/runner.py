@@ -63,6 +63,9 @@ from course_utils.launch.worker import GROUP_TIMEOUT_S, child_main, child_main_b
 
 MAX_WORKERS_PER_CORE = 4  # more is a typo (--nproc 1000), not an experiment
 EXIT_GRACE_S = 5.0  # a worker that has sent its result gets this long to leave by itself
+# A signal (Ctrl-C) the kernel hands to another thread (gloo's, a browser driver's) only sets
+# Python's flag, which the main thread acts on when its wait returns: so it waits at most this long
+WAKE_S = 0.5
 _START_LOCK = threading.Lock()
 
 
@@ -314,10 +317,8 @@ def _collect(procs: list, readers: dict, timeout: float, meeting=None) -> list:
                 + where,
                 stacks,
             )
-        ready = wait(
-            list(pending) + [s for s, r in sentinels.items() if r in pending.values()],
-            timeout=remaining,
-        )
+        waiting = list(pending) + [s for s, r in sentinels.items() if r in pending.values()]
+        ready = wait(waiting, timeout=min(remaining, WAKE_S))
         for obj in ready:
             if obj in pending:
                 rank = pending[obj]
