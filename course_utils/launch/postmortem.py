@@ -173,7 +173,8 @@ def where_it_failed(parallel: str, timeout_s: float, rank: int, err: BaseExcepti
     ours = [f for f in frames if f.f_code.co_filename.startswith(PACKAGE)]
     fit = next((f.f_locals for f in ours if f.f_code.co_name == "fit"), None)
     step = f"step {fit.get('first_step', 0) + fit.get('step', 0) + 1} " if fit else ""
-    part = ours[-1].f_code.co_qualname if ours else "?"
+    steps = [f for f in ours if not f.f_code.co_qualname.startswith("Mixed.")]  # --precision's
+    part = steps[-1].f_code.co_qualname if steps else "?"  # wrapper is part of the step
     if part == "train_step":  # the default step: its backward, or its forward or update
         backward = any(f.f_code.co_name == "_engine_run_backward" for f in frames)
         part = "backward" if backward else "forward or update"
