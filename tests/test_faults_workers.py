@@ -145,3 +145,61 @@ def test_two_cold_launches_from_two_threads_both_finish(tmp_path):
     proc = run_python(code, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = proc.communicate(timeout=2 * HANG_GUARD_S)
     assert proc.returncode == 0 and out.strip() == "2", err[-2000:]
+
+
+MESH_FAILURE = "Gloo connectFullMesh failed with [pair.cc:553] Connection closed by peer"
+
+
+def mesh_fails_the_first_times(failures: int, folder):
+    """An ``init_process_group`` whose first ``failures`` launches fail on rank 1 as gloo's
+    transport sometimes does (counted in files, since each launch forks fresh workers)."""
+    real = dist.init_process_group
+
+    def init(*args, **kwargs):
+        if int(os.environ["RANK"]) == 1:
+            tries = len(list(folder.glob("try*")))
+            (folder / f"try{tries}").touch()
+            if tries < failures:
+                raise RuntimeError(MESH_FAILURE)
+        return real(*args, **kwargs)
+
+    return init
+
+
+def rank_and_runs(folder):
+    (folder / f"ran{dist.get_rank()}-{os.getpid()}").touch()
+    return dist.get_rank()
+
+
+def test_a_group_that_did_not_form_is_started_again_once_with_a_warning(tmp_path, monkeypatch):
+    monkeypatch.setattr(dist, "init_process_group", mesh_fails_the_first_times(1, tmp_path))
+    with pytest.warns(RuntimeWarning, match="process group did not form .*starting them again"):
+        assert launch.run(rank_and_runs, 2, tmp_path, timeout=60) == [0, 1]
+    assert len(list(tmp_path.glob("try*"))) == 2
+    assert len(list(tmp_path.glob("ran*"))) == 2  # the work ran once per rank, in the second try
+    assert workers_left() == []
+
+
+def test_a_group_that_fails_to_form_twice_raises_the_setup_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(dist, "init_process_group", mesh_fails_the_first_times(2, tmp_path))
+    with pytest.warns(RuntimeWarning), pytest.raises(launch.WorkerError) as info:
+        launch.run(rank_and_runs, 2, tmp_path, timeout=60)
+    assert info.value.rank == 1 and info.value.phase == "setup"
+    assert "connectFullMesh" in str(info.value)
+    assert list(tmp_path.glob("ran*")) == []
+    assert workers_left() == []
+
+
+def connection_lost_at_work(folder):
+    (folder / f"ran{dist.get_rank()}-{os.getpid()}").touch()
+    if dist.get_rank() == 1:
+        raise RuntimeError(MESH_FAILURE)
+    return 0
+
+
+def test_the_same_error_once_the_work_began_is_not_retried(tmp_path):
+    with pytest.raises(launch.WorkerError) as info:
+        launch.run(connection_lost_at_work, 2, tmp_path, timeout=60)
+    assert info.value.rank == 1 and info.value.phase == "run"
+    assert len(list(tmp_path.glob("ran1-*"))) == 1  # rank 1's work ran once: nothing repeated
+    assert workers_left() == []

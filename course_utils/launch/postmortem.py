@@ -33,7 +33,8 @@ _TIMEOUT = re.compile(r"timed out|wait timeout|timeout waiting|operation timeout
 class WorkerError(RuntimeError):
     """A worker raised (or died): carries its ``rank``, the ``kind`` of error (the exception's
     class name), its ``message`` and the worker's own traceback; after a timeout, ``late``: the
-    ranks it waited for, each with what it was doing, named in the first line."""
+    ranks it waited for, each with what it was doing, named in the first line; ``phase``:
+    ``"setup"`` when it failed while its process group formed, before the work began."""
 
     def __init__(
         self,
@@ -43,8 +44,10 @@ class WorkerError(RuntimeError):
         kind: str = "",
         late: dict[int, str] | None = None,
         stacks: dict[int, str] | None = None,
+        phase: str = "run",
     ):
         self.rank, self.kind, self.message = rank, kind, message
+        self.phase = phase
         self.worker_traceback = worker_traceback
         self.late = late or {}  # rank: what it was doing, for the ranks a timed-out rank waited for
         self.stacks = stacks or {}  # rank: the Python stack of a late rank that was still running

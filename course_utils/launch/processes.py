@@ -85,3 +85,23 @@ def main_without_a_missing_file(method: str):
         yield
     finally:
         main.__file__ = path
+
+
+def cores_of(rank: int, threads: int, nproc: int) -> list[int] | None:
+    """The cores rank ``rank`` is pinned to, or None where the workers don't fit one per core."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if threads * nproc > len(cores):
+        return None
+    return cores[rank * threads : (rank + 1) * threads]
+
+
+PRELOAD = ("torch._dynamo",)  # what DDP's constructor would import in every worker
+
+
+def preload() -> None:
+    """Import in the caller what every forked worker would import by itself."""
+    import importlib
+
+    for name in PRELOAD:
+        if name not in sys.modules:
+            importlib.import_module(name)

@@ -97,6 +97,13 @@ def cleanup_on_signals(signals=(signal.SIGTERM, signal.SIGHUP)):
             signal.signal(sig, old)
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port the OS says is free right now (port 0 asks it to choose)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def loopback_interface() -> str | None:
     """The name of the loopback network interface (``lo`` on Linux, ``lo0`` on macOS), or None."""
     try:

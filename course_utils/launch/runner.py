@@ -33,6 +33,9 @@ How it works, and why:
 - **Nothing is left behind.** The first worker to fail, or the timeout, or an interrupt of the
   kernel, stops every worker (SIGTERM, then SIGKILL), and the caller raises. On Linux a worker also
   dies with its parent.
+- **A group that fails to form is started again, once.** Gloo's transport now and then fails to
+  connect its mesh of ranks on a loaded machine; such a launch starts afresh, with a warning
+  (``SETUP_RETRIES``). An error after the work began is never retried.
 - **Workers exit cleanly.** A worker sends its result and leaves through
   :func:`~course_utils.launch.worker.exit_cleanly` (no interpreter teardown, where gloo sometimes
   aborts after DDP; its named semaphores unlinked first). The caller lets workers that have sent
@@ -46,8 +49,6 @@ import multiprocessing as mp
 import os
 import pickle
 import signal
-import socket
-import sys
 import threading
 import time
 import warnings
@@ -59,6 +60,7 @@ import torch
 from course_utils import hardware
 from course_utils.launch import postmortem, processes, rendezvous
 from course_utils.launch.postmortem import LaunchTimeout, WorkerError
+from course_utils.launch.rendezvous import free_port
 from course_utils.launch.worker import GROUP_TIMEOUT_S, child_main, child_main_by_value
 
 MAX_WORKERS_PER_CORE = 4  # more is a typo (--nproc 1000), not an experiment
@@ -67,6 +69,8 @@ EXIT_GRACE_S = 5.0  # a worker that has sent its result gets this long to leave 
 # Python's flag, which the main thread acts on when its wait returns: so it waits at most this long
 WAKE_S = 0.5
 _START_LOCK = threading.Lock()
+SETUP_RETRIES = 1  # gloo's "Connection closed by peer" while the group forms, before any work
+_MESH_FAILURES = ("connectFullMesh", "Connection closed by peer", "Connection reset by peer")
 
 
 def default_start_method() -> str:
@@ -105,24 +109,6 @@ def _method(asked: str | None) -> str:
     if method == "fork" and torch.cuda.is_initialized():
         raise ValueError("CUDA is initialised in this process: its workers can't be forked")
     return method
-
-
-_PRELOAD = ("torch._dynamo",)  # what DDP's constructor would import in every worker
-
-
-def _preload() -> None:
-    import importlib
-
-    for name in _PRELOAD:
-        if name not in sys.modules:
-            importlib.import_module(name)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port the OS says is free right now (port 0 asks it to choose)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _name(fn: Callable) -> str:
@@ -237,62 +223,67 @@ def run(
     ctx = mp.get_context(method)
     port = free_port()  # only for worker code that calls a bare init_process_group (env://)
     loopback = rendezvous.loopback_interface() if kind == "cpu" else None
-    procs, readers = [], {}
-    with rendezvous.cleanup_on_signals(), rendezvous.folder() as meeting:
-        try:
-            # One launch starts its processes at a time: forking while another thread holds
-            # the import lock (a first DDP import, say) would leave the child deadlocked.
-            with _START_LOCK, processes.main_without_a_missing_file(method):
-                if method == "fork":
-                    _preload()
-                for rank in range(nproc):
-                    env = {  # what torchrun would set: worker code runs unchanged under it
-                        "RANK": str(rank),
-                        "LOCAL_RANK": str(rank),
-                        "WORLD_SIZE": str(nproc),
-                        "LOCAL_WORLD_SIZE": str(nproc),
-                        "MASTER_ADDR": "127.0.0.1",
-                        "MASTER_PORT": str(port),
-                        "OMP_NUM_THREADS": str(threads),
-                    }
-                    if loopback:  # gloo's own setting: one machine, so listen on loopback only
-                        env["GLOO_SOCKET_IFNAME"] = loopback
-                    setup = {
-                        "env": env,
-                        "threads": threads,
-                        "cores": _cores_of(rank, threads, nproc) if pin else None,
-                        "kind": kind,
-                        "store": str(meeting / "store"),
-                        "init_group": init_group,
-                        "group_timeout": group_timeout,
-                        "stack_file": str(meeting / f"stack{rank}.txt"),  # dumped on SIGUSR1
-                    }
-                    reader, writer = ctx.Pipe(duplex=False)
-                    p = ctx.Process(
-                        target=child_main_by_value if by_value else child_main,
-                        args=(package, setup, writer) if by_value else work + (setup, writer),
-                        name=f"course-worker-{rank}",
-                        daemon=True,
+    common = {  # what torchrun would set: worker code runs unchanged under it
+        "WORLD_SIZE": str(nproc),
+        "LOCAL_WORLD_SIZE": str(nproc),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "OMP_NUM_THREADS": str(threads),
+    }
+    if loopback:  # gloo's own setting: one machine, so listen on loopback only
+        common["GLOO_SOCKET_IFNAME"] = loopback
+    setup = {"threads": threads, "kind": kind, "init_group": init_group}
+    setup.update(group_timeout=group_timeout, pin=pin)
+    target, sent = (child_main_by_value, (package,)) if by_value else (child_main, work)
+    for attempt in range(1 + SETUP_RETRIES):
+        procs, readers = [], {}
+        with rendezvous.cleanup_on_signals(), rendezvous.folder() as meeting:
+            try:
+                # One launch starts its processes at a time: forking while another thread holds
+                # the import lock (a first DDP import, say) would leave the child deadlocked.
+                with _START_LOCK, processes.main_without_a_missing_file(method):
+                    if method == "fork":
+                        processes.preload()
+                    for rank in range(nproc):
+                        reader, p = _start(ctx, target, sent, rank, nproc, common, setup, meeting)
+                        procs.append(p)
+                        readers[reader] = rank
+                try:
+                    results = _collect(procs, readers, timeout, meeting)
+                except WorkerError as err:
+                    if attempt == SETUP_RETRIES or not _group_did_not_form(err):
+                        raise
+                    warnings.warn(
+                        f"the workers' process group did not form ({err.kind}: "
+                        f"{err.message.splitlines()[0]}); starting them again",
+                        RuntimeWarning,
+                        stacklevel=2,
                     )
-                    p.start()
-                    writer.close()  # the child holds the writing end now
-                    procs.append(p)
-                    readers[reader] = rank
-            results = _collect(procs, readers, timeout, meeting)
-            _stop(procs, grace=EXIT_GRACE_S)  # see "Workers exit cleanly" above
-            return results
-        finally:
-            _stop(procs)
-            for reader in readers:
-                reader.close()
+                    continue  # the finally below stops this attempt's workers
+                _stop(procs, grace=EXIT_GRACE_S)  # see "Workers exit cleanly" above
+                return results
+            finally:
+                _stop(procs)
+                for reader in readers:
+                    reader.close()
 
 
-def _cores_of(rank: int, threads: int, nproc: int) -> list[int] | None:
-    """The cores rank ``rank`` is pinned to, or None where the workers don't fit one per core."""
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if threads * nproc > len(cores):
-        return None
-    return cores[rank * threads : (rank + 1) * threads]
+def _start(ctx, target, sent: tuple, rank: int, nproc: int, common: dict, setup: dict, meeting):
+    """Start rank ``rank``'s process; return the reading end of its pipe, and the process."""
+    setup = {
+        **setup,
+        "env": {"RANK": str(rank), "LOCAL_RANK": str(rank), **common},
+        "cores": processes.cores_of(rank, setup["threads"], nproc) if setup["pin"] else None,
+        "store": str(meeting / "store"),
+        "stack_file": str(meeting / f"stack{rank}.txt"),  # dumped on SIGUSR1
+    }
+    reader, writer = ctx.Pipe(duplex=False)
+    p = ctx.Process(
+        target=target, args=(*sent, setup, writer), name=f"course-worker-{rank}", daemon=True
+    )
+    p.start()
+    writer.close()  # the child holds the writing end now
+    return reader, p
 
 
 def _collect(procs: list, readers: dict, timeout: float, meeting=None) -> list:
@@ -333,17 +324,22 @@ def _collect(procs: list, readers: dict, timeout: float, meeting=None) -> list:
                     raise WorkerError(rank, message, kind="ResultError") from None
                 del pending[obj]
                 if status == "error":
-                    kind, message, worker_traceback = payload
+                    kind, message, worker_traceback, *phase = payload
                     late, stacks = {}, {}
                     if postmortem.timed_out(message):  # which rank did it wait for?
                         late, stacks = postmortem.late_ranks(procs, pending, deadline, meeting)
-                    raise WorkerError(rank, message, worker_traceback, kind, late, stacks)
+                    raise WorkerError(rank, message, worker_traceback, kind, late, stacks, *phase)
                 results[rank] = payload
             elif sentinels[obj] in pending.values() and not _reader_of(
                 pending, sentinels[obj]
             ).poll(0):
                 raise postmortem.died(procs[sentinels[obj]], sentinels[obj])
     return [results[rank] for rank in range(len(procs))]
+
+
+def _group_did_not_form(err: WorkerError) -> bool:
+    """Did the launch fail while its process group formed, on gloo's transport?"""
+    return err.phase == "setup" and any(text in err.message for text in _MESH_FAILURES)
 
 
 def _reader_of(pending: dict, rank: int):

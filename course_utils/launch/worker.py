@@ -221,15 +221,17 @@ def child_main(fn, args, kwargs, setup: dict, conn) -> None:
         os.sched_setaffinity(0, setup["cores"])
     _launched_kind = setup["kind"]  # what cu.launch.worker() answers in this process
     _dump_stack_on_signal(setup.get("stack_file"))
-    status, payload, failure = "ok", None, None
+    status, payload, failure, phase = "ok", None, None, "setup"
     try:
         if setup["init_group"]:
             with process_group(timeout_s=setup["group_timeout"], store=setup["store"]):
+                phase = "run"
                 payload = fn(*args, **kwargs)
         else:
+            phase = "run"
             payload = fn(*args, **kwargs)
     except BaseException as err:  # report everything, KeyboardInterrupt included
-        status, payload = "error", (type(err).__name__, str(err), traceback.format_exc())
+        status, payload = "error", (type(err).__name__, str(err), traceback.format_exc(), phase)
         # Kept until exit_cleanly: freeing it frees its frames' objects, and a DDP model's
         # process group can deadlock in its destructor after a timeout (a gloo thread waits for
         # the GIL this thread holds), before the error is sent.
