@@ -26,7 +26,6 @@ benchmarks/results/compression.json.
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import statistics
 import sys
@@ -61,14 +60,12 @@ def run(made, model: str, compress: str, steps: int, batch: int, workers: int, f
     before = [cluster.link_bytes(made, node)["sent"] for node in range(made.nodes)]
     job = torchrun.job(made, args, logs=folder, nproc_per_node=workers)
     try:
-        codes = torchrun.finish(job, RUN_TIMEOUT_S)
+        result = torchrun.results(job, RUN_TIMEOUT_S, out)
+    except RuntimeError as err:
+        raise RuntimeError(f"--compress {compress}: {err}") from None
     finally:
-        job.stop()
         for node in range(made.nodes):  # workers a killed agent left behind
             cluster.kill_node(made, node)
-    if any(codes.values()):
-        raise RuntimeError(f"--compress {compress} failed {codes}:\n{job.log(0)[-2000:]}")
-    result = json.loads(out.read_text())
     result["sent"] = [cluster.link_bytes(made, n)["sent"] - b for n, b in enumerate(before)]
     result["step_ms"] = batch / result["samples_per_s"] * 1e3
     return result

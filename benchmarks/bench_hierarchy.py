@@ -1,7 +1,7 @@
 """Hierarchical all-reduce against flat across the cluster's slow link, and both against the
 two-link model (``course_utils.topology``, issue 27).
 
-    python benchmarks/bench_hierarchy.py [--rate 100mbit] [--per-node 2] [--repeats 5]
+    python benchmarks/bench_hierarchy.py [--per-node 2] [--rate 100mbit] [--repeats 5]
         [--sizes 65536 262144 1048576 4194304 16777216] [--quick]
 
 It needs root (network namespaces); without, it says why in one line and measures nothing. It
@@ -22,9 +22,12 @@ running this file's :func:`worker`, which in order:
 
 Beside each: the model's prediction with the fitted links, the gap (measured / model - 1), and at
 every size the ratio flat / hierarchical per repeat against the model's and against the most it
-can be (``TwoLinks.ratio_bound``: 1.5 for 2 x 2). The link is rate-limited so that the largest
-size is bound by the link: 4 workers share 2 cores, and the machine is shared with other
-programs, so timings are noisy (read the min-max). Writes benchmarks/results/hierarchy.json.
+can be (``TwoLinks.ratio_bound``: 1.5 for 2 x 2, 1.75 for 2 x 4). The link is rate-limited so
+that the largest size is bound by the link: 100 Mbit/s for 2 x 2; 20 Mbit/s for more workers per
+node, whose intra-node phases cost more of the 2 cores (the 8 workers of 2 x 4 share them). The
+machine is shared with other programs, so timings are noisy (read the min-max). The run's time
+limits grow with the seconds its bytes take on the link. Writes benchmarks/results/hierarchy.json
+for 2 x 2 (which bench_placement reads) and ``hierarchy_<per-node>.json`` for any other layout.
 """
 
 from __future__ import annotations
@@ -56,7 +59,30 @@ FLAT = ("gloo", "ring")  # the two flat all-reduces, each against the hierarchic
 # phases alone, the cross-node all-reduce left out: where its time goes beside the mesh's)
 METHOD = {"gloo": "flat", "ring": "flat", "hierarchical": "hierarchical", "mesh": "mesh"}
 METHOD |= {"inside": "inside"}
-RUN_TIMEOUT_S = 540
+# the link's default rate: slow enough that the largest size is bound by the link, where the
+# intra-node phases cost CPU (4 workers per node and more on 2 cores: a few hundred ms at 16 MiB)
+RATE = "100mbit"  # 2 x 2
+SLOW_RATE = "20mbit"  # any other per_node: the hierarchical's 16 MiB take 7 s on the link
+RUN_TIMEOUT_S = 540  # start-up and arithmetic; the link's own seconds come on top (link_seconds)
+GROUP_TIMEOUT_S = 120  # a collective's wait; the slowest all-reduce's seconds come on top
+
+
+def result_name(per_node: int) -> str:
+    """Where a run on 2 nodes of ``per_node`` writes: ``hierarchy`` for 2 x 2 (the issue's
+    layout, which bench_placement reads), ``hierarchy_<per_node>`` for any other."""
+    return "hierarchy" if per_node == 2 else f"hierarchy_{per_node}"
+
+
+def link_seconds(sizes: list[int], repeats: int, per_node: int, rate: str) -> float:
+    """Seconds the link alone keeps a run busy at ``rate``: each repeat, the warm-up and the count
+    of gloo's and the ring's all-reduces (flat), the hierarchical's and the mesh's, and the fit's
+    2-rank all-reduce across the link (the whole tensor each way), at every size."""
+    flat, hierarchical = (
+        float(topology.TwoLinks.link_bytes(m, sum(sizes), 2, per_node))
+        for m in topology.METHODS[:2]
+    )
+    total = (repeats + 2) * (2 * flat + 2 * hierarchical) + (repeats + 1) * sum(sizes)
+    return total / cluster.rate_bytes(rate)
 
 
 def calls(groups: topology.NodeGroups) -> dict:
@@ -92,7 +118,8 @@ def worker(spec: str) -> None:
     sizes, repeats, per_node, made, out = json.loads(spec)
     made = cluster.Cluster(*made)
     torch.set_num_threads(1)
-    with cu.launch.process_group("cpu", 120) as me:
+    slowest = link_seconds([max(sizes)], 0, per_node, made.rate)  # more than any one wait
+    with cu.launch.process_group("cpu", GROUP_TIMEOUT_S + slowest) as me:
         groups = topology.node_groups(per_node)
         links = topology.time_links(sizes, per_node, repeats)
         ops = calls(groups)
@@ -103,30 +130,26 @@ def worker(spec: str) -> None:
 
 
 def launch(made: cluster.Cluster, args, folder: Path) -> dict:
-    """torchrun on each node running :func:`worker`; what rank 0 wrote."""
+    """torchrun on each node running :func:`worker`; what rank 0 wrote (``torchrun.results``:
+    raises with the nodes' logs when one fails or the run outlasts the link's seconds)."""
     out = folder / "measured.json"
     spec = json.dumps(
         [args.sizes, args.repeats, args.per_node, list(vars(made).values()), str(out)]
     )
-    agents, logs = [], [folder / f"node{node}.log" for node in range(made.nodes)]
-    for node, log in enumerate(logs):
+    job = torchrun.Job(made)
+    for node in range(made.nodes):
         argv = [str(torchrun.TORCHRUN), "--nnodes", str(made.nodes)]
         argv += ["--nproc-per-node", str(args.per_node), "--node-rank", str(node)]
         argv += ["--master-addr", made.address(0), "--master-port", str(torchrun.PORT)]
         argv += ["--max-restarts", "0", __file__, "--worker", spec]
-        with open(log, "wb") as sink:
-            agents.append(
-                cluster.spawn(made, node, argv, cwd=ROOT, env=torchrun.environment(),
-                              stdout=sink, stderr=subprocess.STDOUT)
+        job.logs[node] = folder / f"node{node}.log"
+        with open(job.logs[node], "wb") as sink:
+            job.agents[node] = cluster.spawn(
+                made, node, argv, cwd=ROOT, env=torchrun.environment(), stdout=sink,
+                stderr=subprocess.STDOUT,
             )  # fmt: skip
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    try:
-        codes = [a.wait(timeout=max(1.0, deadline - time.monotonic())) for a in agents]
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"timed out; node 0 said:\n{logs[0].read_text()[-2000:]}") from None
-    if any(codes):
-        raise RuntimeError(f"exit codes {codes}; node 0 said:\n{logs[0].read_text()[-3000:]}")
-    return json.loads(out.read_text())
+    allowed = RUN_TIMEOUT_S + 2 * link_seconds(args.sizes, args.repeats, args.per_node, args.rate)
+    return torchrun.results(job, allowed, out)
 
 
 def analyse(measured: dict, nodes: int, per_node: int) -> tuple[list[dict], dict]:
@@ -194,6 +217,17 @@ def report(rows: list[dict], extra: dict, rate: str) -> None:
             )
             + f"; model {e['model']:.2f}, bound {extra['ratio_bound']:.2f}"
         )
+    at = {r["op"]: r for r in rows if r["bytes"] == max(r["bytes"] for r in rows)}
+    took = {
+        op: f"{at[op]['seconds'] * 1e3:.0f} ms (model {at[op]['model_seconds'] * 1e3:.0f})"
+        for op in ("inside", "mesh")
+    }
+    rest = at["hierarchical"]["seconds"] - at["inside"]["seconds"] - at["mesh"]["seconds"]
+    print(
+        f"{at['mesh']['bytes'] / 2**20:7.3f} MiB, the hierarchical's time: inside the node "
+        f"{took['inside']}, across (the mesh's all-reduce) {took['mesh']}, the rest "
+        f"{rest * 1e3:+.0f} ms"
+    )
     for op, c in extra["link_bytes"].items():
         sent = "/".join(f"{s / 1e6:.2f}" for s in c["sent"])
         print(f"{op:>12}: node links sent {sent} MB, model {c['model'] / 1e6:.2f} MB of payload")
@@ -201,7 +235,10 @@ def report(rows: list[dict], extra: dict, rate: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rate", default="100mbit", help="the link's rate, tc's units")
+    p.add_argument(
+        "--rate", help=f"the link's rate, tc's units (default {RATE} for 2 workers per node, "
+        f"else {SLOW_RATE})"
+    )  # fmt: skip
     p.add_argument("--per-node", type=int, default=2, help="workers per node (2 nodes)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--sizes", type=int, nargs="+", default=SIZES, help="bytes")
@@ -213,6 +250,7 @@ def main() -> None:
         return
     if args.quick:
         args.repeats, args.sizes = 2, QUICK_SIZES
+    args.rate = args.rate or (RATE if args.per_node == 2 else SLOW_RATE)
     if args.per_node < 2 or len(args.sizes) < 2:
         p.error("the fit needs 2 workers per node and at least 2 sizes")
     try:
@@ -232,14 +270,14 @@ def main() -> None:
             finally:
                 cluster.down(NAME)
     if reason is not None:
-        skip("hierarchy", reason, args.repeats, watch)
+        skip(result_name(args.per_node), reason, args.repeats, watch)
         return
     rows, extra = analyse(measured, 2, args.per_node)
     report(rows, extra, args.rate)
     print(watch.note())
     extra |= {"rate": args.rate, "nodes": 2, "per_node": args.per_node, "quick": args.quick}
     extra["duration_s"] = time.perf_counter() - start
-    print(f"wrote {save('hierarchy', rows, args.repeats, watch, extra)}")
+    print(f"wrote {save(result_name(args.per_node), rows, args.repeats, watch, extra)}")
 
 
 if __name__ == "__main__":

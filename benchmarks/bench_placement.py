@@ -16,8 +16,14 @@ transformer --optimizer adamw --lr 0.001 --threads 1`` under torchrun on each no
 - **hsdp**: ``--parallel fsdp --replicate 2``, shards inside the node, replicated across: only
   the all-reduce of each rank's gradient shard crosses;
 - **ddp x tp**: ``--parallel ddp --tp 2``, tensor parallel over consecutive ranks (the mesh's
-  innermost dimension: inside the node), replicas across. The reverse (tp across the nodes) the
-  course can't express: its mesh always puts tp on consecutive ranks;
+  innermost dimension: inside the node), replicas across: each rank's gradient (its slices and
+  the parts every rank holds whole) all-reduced with its twin on the other node;
+- **tp x ddp**: ``--parallel ddp --tp 2 --tp-outer``, the reverse: tensor parallel outermost,
+  each pair one rank per node, and the replicas side by side in a node. The gradient's
+  all-reduce stays inside; tensor parallel's all-reduces of the activations (each a replica's
+  tokens x width) cross: DTensor's plan (``tensor_parallel.plan``) sums each row-parallel
+  layer's output forward and each column-parallel layer's input gradient backward, 6 a block
+  (q, k and v each their own: Megatron's ``f`` by hand sums the three once, 4 a block);
 - **pipeline**: ``--parallel pipeline``, 4 stages, 2 per node: only one stage boundary's
   activations (forward) and their gradients (backward) cross.
 
@@ -29,13 +35,14 @@ a short run's (start-up, the first broadcast), per extra step.
 **The model** (``course_utils.topology``'s two links): each layout's bytes per step on each node's
 link, from its collectives (``TwoLinks.link_bytes``: a ring over all 4 ranks puts 2(N-1)/N of what
 it all-reduces on the link, 1.5 B, an all-gather or a reduce-scatter half of that; the (replicate,
-shard) or (dp, tp) mesh's cross-node all-reduce B; a pipeline's boundary activations), and its
-step ``C + link bytes / beta_inter``, where C, the step's compute and fast communication, is the
-same layout's step with no limit on the link (paired by round), beta_inter the link's payload
-rate (``bench_hierarchy``'s fit at the same rate when there is one, else the rate less the
-packets' headers), alpha_inter 0 (the fit finds it below its noise). The ranking by the model
-and by the measurement are printed side by side. 4 workers share 2 cores, with other programs:
-the compute part is noisy; read the min-max.
+shard) or (dp, tp) mesh's cross-node all-reduce B; with tp across the nodes, B of the activations
+(each replica's pair rings across, and the pairs share the link), nothing of the gradient; a
+pipeline's boundary activations), and its step ``C + link bytes / beta_inter``, where C, the
+step's compute and fast communication, is the same layout's step with no limit on the link
+(paired by round), beta_inter the link's payload rate (``bench_hierarchy``'s fit at the same rate
+when there is one, else the rate less the packets' headers), alpha_inter 0 (the fit finds it
+below its noise). The ranking by the model and by the measurement are printed side by side. 4
+workers share 2 cores, with other programs: the compute part is noisy; read the min-max.
 Writes benchmarks/results/placement.json.
 """
 
@@ -54,7 +61,7 @@ from pathlib import Path
 from _results import RESULTS, save, skip
 
 import course_utils as cu
-from course_utils import cluster
+from course_utils import cluster, tensor_parallel
 from course_utils.cluster import torchrun
 from course_utils.topology import TwoLinks
 
@@ -65,6 +72,7 @@ LAYOUTS = {
     "fsdp": ["--parallel", "fsdp"],
     "hsdp": ["--parallel", "fsdp", "--replicate", "2"],
     "ddp x tp": ["--parallel", "ddp", "--tp", "2"],
+    "tp x ddp": ["--parallel", "ddp", "--tp", "2", "--tp-outer"],
     "pipeline": ["--parallel", "pipeline"],
 }
 TRAIN = ["--model", "transformer", "--optimizer", "adamw", "--lr", "0.001", "--threads", "1"]
@@ -111,8 +119,12 @@ def model_bytes(layout: str, result: dict, batch: int) -> float:
         return float(across(whole))
     if layout == "ddp x tp":  # each of a node's ranks all-reduces what it holds across
         return float(across(PER_NODE * result["state_bytes"]["parameters"]))
-    _, tokens, dim = model.pos.shape  # pipeline: one boundary's activations, each way
-    return float(batch * tokens * dim * 4)
+    _, tokens, dim = model.pos.shape
+    if layout == "tp x ddp":  # a ring of M per replica, P of them on the link; gradients: none
+        calls = len(tensor_parallel.plan(model))  # a row-parallel output or a column's input grad
+        activations = calls * batch * tokens * dim * 4
+        return float(across(activations) + across(whole, dp_across=False))
+    return float(batch * tokens * dim * 4)  # pipeline: one boundary's activations, each way
 
 
 def links(rate: str) -> tuple[float, float]:

@@ -1,7 +1,8 @@
 """Turn benchmarks/results/*.json into docs/benchmarks.md's tables and figures, and the README's
 five headline lines.
 
-    python benchmarks/report.py        (make bench runs it after the benchmarks)
+    python benchmarks/report.py           (make bench runs it after the benchmarks)
+    python benchmarks/report.py --print   (the tables and lines on stdout; nothing written)
 
 Writes docs/img/bench_*.png, rewrites the part of docs/benchmarks.md between the markers
 ``<!-- bench:start -->`` and ``<!-- bench:end -->`` (one table per benchmark, one row per
@@ -12,6 +13,7 @@ configuration), and the README's lines between ``<!-- headline:start -->`` and
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import re
@@ -312,6 +314,168 @@ def cluster_table(d: dict) -> tuple[str, list[str], list[list]]:
     return title, header, rows
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**20:g} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:g} KiB"
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f}" if seconds < 0.1 else f"{seconds * 1e3:,.0f}"
+
+
+def _skipped(title: str, d: dict) -> tuple[str, list[str], list[list]]:
+    return f"{title}: not measured", ["why"], [[d["skipped"]]]
+
+
+def _busy(d: dict) -> str:
+    machine = d["machine"]
+    return (
+        f"other programs kept {machine['others_busy_cores']:.1f} of the {machine['cores']} "
+        "cores busy meanwhile"
+    )
+
+
+def _median_range(r: dict, key: str, scale: float = 1.0, digits: int = 0) -> list[str]:
+    """``r[key]`` and its min–max over the repeats, two cells; empty where the run lacks them."""
+    if key not in r:
+        return ["", ""]
+    spread = ""
+    if f"{key}_min" in r:
+        spread = f"{r[f'{key}_min'] * scale:.{digits}f}–{r[f'{key}_max'] * scale:.{digits}f}"
+    return [f"{r[key] * scale:.{digits}f}", spread]
+
+
+def hierarchy_table(d: dict) -> tuple[str, list[str], list[list]]:
+    """One row per message size: each all-reduce's ms beside the two-link model's, and flat over
+    hierarchical (min–max over the repeats) beside the model's ratio and the ceiling."""
+    per_node = d.get("per_node", 2)
+    head = (
+        f"Hierarchical all-reduce against flat across the slow link, 2 nodes × {per_node} workers"
+    )
+    script = "`bench_hierarchy.py" + (f" --per-node {per_node}`" if per_node != 2 else "`")
+    if d.get("skipped"):
+        return _skipped(f"{head} ({script})", d)
+    by = {(r["op"], r["bytes"]): r for r in d["rows"]}
+    measured = {op for op, _ in by}
+    ops = [op for op in ("gloo", "ring", "hierarchical", "mesh", "inside") if op in measured]
+    rows = []
+    for e in d["ratios"]:
+        row = [_size(e["bytes"])]
+        for op in ops:
+            r = by[op, e["bytes"]]
+            row.append(f"{_ms(r['seconds'])} ({_ms(r['model_seconds'])})")
+        row += [
+            f"{_x(e[op])} ({_range(e[op + '_min'], e[op + '_max'])})" for op in ("gloo", "ring")
+        ]
+        rows.append(row + [_x(e["model"])])
+    fit, link = d["fit"], d["link_bytes"]
+    largest = _size(max(e["bytes"] for e in d["ratios"]))
+    sent = {op: sum(c["sent"]) / len(c["sent"]) / 1e6 for op, c in link.items()}
+    title = (
+        f"{head} on the one-machine cluster ({script}, link {d['rate']}, median of {d['repeats']} interleaved repeats, each the slowest "
+        f"rank's{', a quick run' if d.get('quick') else ''}; {_busy(d)}): each all-reduce's ms "
+        "(the two-link model's, both links fitted on the cluster: inside a node alpha "
+        f"{fit['intra']['alpha_s'] * 1e6:.0f} µs, beta {fit['intra']['beta_bytes_per_s'] / 1e6:.0f}"
+        f" MB/s; across alpha {fit['inter']['alpha_s'] * 1e6:.0f} µs, beta "
+        f"{fit['inter']['beta_bytes_per_s'] / 1e6:.1f} MB/s). Flat: gloo's all-reduce and lesson "
+        "04's ring; mesh: the all-reduce of a (dp, tp) mesh with tp inside the node; inside: the "
+        "hierarchical's two intra-node phases alone. Flat / hierarchical (min–max) against the "
+        f"model's; the most it can be for large messages is {_x(d['ratio_bound'])} (the bytes "
+        f"each puts on the link). At {largest} each node's link sent {sent['gloo']:.2f} MB for "
+        f"gloo's all-reduce and {sent['hierarchical']:.2f} MB for the hierarchical (payload "
+        f"{link['gloo']['model'] / 1e6:.2f} and {link['hierarchical']['model'] / 1e6:.2f} MB)"
+    )
+    header = ["size", *(f"{op} ms (model)" for op in ops), "gloo / hierarchical"]
+    return title, header + ["ring / hierarchical", "model"], rows
+
+
+def compression_table(d: dict) -> tuple[str, list[str], list[list]]:
+    """One row per (model, link, hook): the step, its speedup over plain DDP in the same setting,
+    the accuracy after the fixed steps, and the bytes on the link per step."""
+    what = "Gradient compression across the slow link (`bench_compression.py`)"
+    if d.get("skipped"):
+        return _skipped(what, d)
+    rows = []
+    for r in d["rows"]:
+        plain = r["of_plain"]
+        speedup = f"{_x(plain['speedup'])} ({_range(plain['speedup_min'], plain['speedup_max'])})"
+        accuracy = r.get("test_accuracy")
+        sent = ""
+        if "sent_per_step" in r:
+            mean = sum(r["sent_per_step"]) / len(r["sent_per_step"])
+            sent = f"{mean / 1e3:,.1f} ({r['payload_bytes'] / 1e3:,.1f})"
+        rows.append(
+            [NAMES.get(r["model"], r["model"]), r["link"], r["compress"]]
+            + _median_range(r, "step_ms")
+            + [speedup, "" if accuracy is None else f"{accuracy:.3f}", sent]
+        )
+    workers = d.get("workers_per_node", 1)
+    title = (
+        f"Gradient compression across the slow link: DDP with each `--compress` hook against "
+        f"plain DDP, 2 nodes × {workers} worker{'s' * (workers > 1)}, 1 thread each, "
+        f"{d['steps']} steps of batch {d['batch_size']} (`bench_compression.py`, median of "
+        f"{d['repeats']} interleaved rounds{', a quick run' if d.get('quick') else ''}; "
+        f"{_busy(d)}): the step, its speedup over plain DDP on the same link, the test accuracy "
+        "after the steps, and the kB each node's link sent per step (the hook's payload)"
+    )
+    header = ["model", "link", "--compress", "step ms", "min–max", "vs plain DDP (min–max)"]
+    return title, header + ["test accuracy", "kB sent per step (payload)"], rows
+
+
+def placement_table(d: dict) -> tuple[str, list[str], list[list]]:
+    """One row per layout: its step at the slow rate and unlimited, the bytes on the link per step
+    and the model's; the fields read are those of bench_placement's results (the module's
+    docstring names them), every one but ``layout`` and ``step_ms`` optional."""
+    what = "Placement across the slow link (`bench_placement.py`)"
+    if d.get("skipped"):
+        return _skipped(what, d)
+    rows = []
+    for r in d["rows"]:
+        sent = r.get("sent_per_step")
+        gap = ""
+        if "of_model" in r:
+            gap = f"{r['of_model'] - 1:+.0%}"
+            if "of_model_min" in r:
+                gap += f" ({r['of_model_min'] - 1:+.0%} to {r['of_model_max'] - 1:+.0%})"
+        rows.append(
+            [r["layout"], f"`{' '.join(r['args'])}`" if r.get("args") else ""]
+            + _median_range(r, "step_ms")
+            + _median_range(r, "unlimited_step_ms")[:1]
+            + [f"{sum(sent) / len(sent) / 1e3:,.0f}" if sent else ""]
+            + [f"{r['model_bytes'] / 1e3:,.0f}" if "model_bytes" in r else ""]
+            + _median_range(r, "model_step_ms")[:1]
+            + [gap]
+        )
+    settings = [f"global batch {d['batch_size']}"] if "batch_size" in d else []
+    settings += [f"{d.get('nodes', 2)} nodes × {d.get('per_node', 2)} workers"]
+    settings += [f"link {d['rate']}"] if "rate" in d else []
+    settings += [f"{d['steps']} steps"] if "steps" in d else []
+    title = (
+        f"Placement across the slow link: the transformer, {', '.join(settings)} "
+        f"(`bench_placement.py`, median of {d['repeats']} rounds"
+        f"{', a quick run' if d.get('quick') else ''}; {_busy(d)}): each layout's step at the "
+        "link's rate and with no limit, the kB each node's link sent per step against the "
+        "model's (from the layout's collectives), and the model's step: the unlimited step plus "
+        "the link's bytes at the fitted rate"
+    )
+    if "beta_inter_bytes_per_s" in d:
+        title += f" ({d['beta_inter_bytes_per_s'] / 1e6:.1f} MB/s)"
+    margin = d.get("hsdp_over_fsdp")
+    if margin:
+        title += (
+            f". HSDP over FSDP across all ranks: {_x(margin['measured'])} "
+            f"({_range(margin['measured_min'], margin['measured_max'])}), the model's margin "
+            f"{_x(margin['model'])}"
+        )
+    ranking = d.get("ranking", {})
+    if "measured" in ranking and "model" in ranking:
+        title += (
+            f". Fastest first, measured: {', '.join(ranking['measured'])}; by the model: "
+            f"{', '.join(ranking['model'])}"
+        )
+    header = ["layout", "arguments", "step ms", "min–max", "unlimited step ms", "kB sent per step"]
+    return title, header + ["model kB", "model step ms", "gap (min to max)"], rows
+
+
 def widget_table(d: dict) -> tuple[str, list[str], list[list]]:
     rows = [
         [
@@ -452,6 +616,12 @@ def _fill(path: Path, start: str, end: str, block: list[str]) -> None:
 
 
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--print", action="store_true", dest="only_print",
+        help="print the tables and the README's lines instead of writing them (no figures)",
+    )  # fmt: skip
+    args = p.parse_args()
     sources = {
         "loop_overhead": (loop_table, None),
         "ddp": (ddp_table, figure_ddp),
@@ -463,6 +633,10 @@ def main() -> None:
         "context_parallel": (context_parallel_table, None),
         "experts": (experts_table, None),
         "cluster": (cluster_table, None),
+        "hierarchy": (hierarchy_table, None),
+        "hierarchy_4": (hierarchy_table, None),
+        "placement": (placement_table, None),
+        "compression": (compression_table, None),
         "widgets": (widget_table, None),
     }
     machine = (
@@ -484,11 +658,14 @@ def main() -> None:
             continue
         results[name] = d
         block += ["", f"**{title}**", "", *_markdown_table(header, rows)]
-        if figure is not None:
+        if figure is not None and not args.only_print:
             images.append(figure(d))
+    lines = headline(results)
+    if args.only_print:
+        print("\n".join([*block, "", *lines]))
+        return
     block += ["", " ".join(f"![{Path(p).stem}]({Path(p).relative_to('docs')})" for p in images)]
     _fill(BENCHMARKS, START, END, block)
-    lines = headline(results)
     _fill(README, HEAD_START, HEAD_END, lines)
     print(
         f"docs/benchmarks.md: {len(results)} benchmarks, {len(images)} figures; README: {len(lines)} lines"

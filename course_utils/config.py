@@ -29,10 +29,9 @@ MAX_SEED = 2**31 - 1  # seeds index torch generators (with room for the epoch nu
 # The learning rate is applied in the parameters' dtype (every model is float32). Below float32's
 # smallest normal number the rate is subnormal (fewer than 24 significant bits; 1e-46 is 0): not
 # the rate asked for, and with gradients of the course's size (|g| <= ~1) each step is below half
-# an ulp of any weight larger than 2**-126 * 2**24 ~ 2e-31, so no weight ever moves. Higher
-# rates can still move some weights (Adam's first step is lr itself): where they stop mattering
-# depends on the model, so the line is drawn where it holds for every model. Above float32's
-# largest number the rate is infinite.
+# an ulp of any weight above 2**-126 * 2**24 ~ 2e-31, so no weight ever moves. Higher rates can
+# still move some weights (Adam's first step is lr itself): where they stop mattering depends on
+# the model, so the line is drawn where it holds for all. Above float32's largest it is infinite.
 LR_DTYPE = torch.finfo(torch.float32)
 # A --json file is written through a temporary file beside it, ".NAME.PID." + tempfile's 8
 # random characters + ".tmp" (course_utils.files): at most 22 bytes more than the name (a PID
@@ -49,6 +48,7 @@ class RunConfig:
     parallel: str = "none"  # strategy: "none", "ddp", "fsdp", "tp" (tensor parallel), "pipeline"
     nproc: int = 1  # worker processes (replicas, tensor-parallel ranks or pipeline stages)
     tp: int = 1  # with ddp or fsdp: tensor-parallel ranks per replica (2-D mesh: nproc = dp x tp)
+    tp_outer: bool = False  # with --tp: tp ranks nproc / tp apart, not adjacent (tp across nodes)
     cp: int = 1  # context-parallel ranks: each holds part of every sequence (ring attention)
     ep: int = 1  # expert-parallel ranks: each holds some of the MoE's experts (all-to-all)
     replicate: int = 1  # fsdp only: HSDP, R replicas of shards over nproc / R consecutive ranks

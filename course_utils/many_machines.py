@@ -12,7 +12,6 @@ job going on without it (:func:`survive_node_loss`), told from the agents' logs
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import re
 import shutil
@@ -206,16 +205,6 @@ def read_line(raw: str, node: int, now: float, day_s: float) -> dict:
     return line
 
 
-def _result(job: torchrun.Job, out: Path, lost: int | None = None) -> tuple[dict, dict]:
-    """The run's JSON and the agents' exit codes; if an agent failed (other than the ``lost``
-    node's) or no JSON was written, raises with the end of each node's log."""
-    codes = torchrun.finish(job, timeout=10)
-    if any(code for n, code in codes.items() if n != lost) or not out.exists():
-        tails = "\n".join(f"node{n}: {job.log(n)[-800:]}" for n in job.logs)
-        raise RuntimeError(f"the job failed (exit codes {codes}):\n{tails}")
-    return json.loads(out.read_text()), codes
-
-
 def ddp_run(
     made: Cluster, folder: str | Path, steps: int, batch_size: int = 64,
     progress: str | None = None, **options,
@@ -236,7 +225,7 @@ def ddp_run(
 
     try:
         _, trace = _follow(made, job, on_poll=megabytes)
-        result, _ = _result(job, out)
+        result = torchrun.results(job, 10, out)
     finally:
         job.stop()
         bar.close()
@@ -303,10 +292,11 @@ def survive_node_loss(
     )  # fmt: skip
     try:
         lines, _ = _follow(made, job, on_line=on_line)
-        result, codes = _result(job, out, lost=node)
+        result = torchrun.results(job, 10, out, lost=node)
     finally:
         job.stop()
         bar.close()
+    codes = {n: agent.returncode for n, agent in job.agents.items()}
     shutil.rmtree(folder / "checkpoint", ignore_errors=True)
     return {
         "result": result, "killed_at": killed.get("at"), "codes": codes, "lines": lines,

@@ -10,7 +10,8 @@ and in which order:
 
 - :class:`Axes` holds how many ranks go along each axis (``dp`` x ``ep`` x ``cp`` x ``tp``, or
   ``pp``), checks them once (:meth:`Axes.error`), and lays the ranks out as a ``DeviceMesh``
-  with named dimensions (:meth:`Axes.mesh`);
+  with named dimensions (:meth:`Axes.mesh`): tensor parallel on consecutive ranks (inside a node
+  under torchrun), or, with ``--tp-outer``, on ranks far apart (across the nodes);
 - :func:`parallelize` applies the axes to a model, always in this order:
 
   1. **tensor parallel** (``tensor_parallel.apply`` over ``mesh["tp"]``): the layers become
@@ -79,6 +80,7 @@ class Axes:
     ep: int = 1  # expert parallel: ranks that each hold some experts (and read their own slice)
     data: str = "ddp"
     replicate: int = 1  # HSDP (data "fsdp"): groups that each hold the model in dp / R shards
+    tp_outer: bool = False  # the tensor-parallel ranks lie dp x ep x cp apart (Axes.mesh)
 
     DIMS = ("dp", "ep", "cp", "tp")  # the mesh's dimensions, outermost first
 
@@ -88,13 +90,14 @@ class Axes:
         ``pipeline`` put every worker on one axis; the others put ``--tp``, ``--cp`` and
         ``--ep`` ranks on theirs and the rest on the data axis (``nproc = dp x ep x cp x tp``)."""
         if cfg.parallel == "pipeline":
-            return cls(pp=cfg.nproc)
+            return cls(pp=cfg.nproc, tp_outer=cfg.tp_outer)
         if cfg.parallel == "tp":
-            return cls(tp=cfg.nproc)
+            return cls(tp=cfg.nproc, tp_outer=cfg.tp_outer)
         data = cfg.parallel if cfg.parallel in DATA_PARALLEL else "ddp"
         inner = max(cfg.tp, 1) * max(cfg.cp, 1) * max(cfg.ep, 1)
         dp = max(cfg.nproc // inner, 1)
-        return cls(dp=dp, tp=cfg.tp, cp=cfg.cp, ep=cfg.ep, data=data, replicate=cfg.replicate)
+        sizes = dict(dp=dp, tp=cfg.tp, cp=cfg.cp, ep=cfg.ep, replicate=cfg.replicate)
+        return cls(**sizes, data=data, tp_outer=cfg.tp_outer)
 
     @property
     def world_size(self) -> int:
@@ -118,6 +121,13 @@ class Axes:
                 f" = {cfg.tp * cfg.cp * cfg.ep}" if len(sizes) > 1 else ""
             )
             return f"--nproc {cfg.nproc} is not a multiple of the {product}"
+        if self.tp_outer and (self.tp == 1 or self.pp > 1):
+            return (
+                "--tp-outer places the tensor-parallel ranks: it needs --parallel ddp or fsdp "
+                "with --tp 2 or more"
+            )
+        if self.tp_outer and self.dp * self.ep * self.cp == 1:
+            return "--tp-outer: every rank is on the tensor-parallel axis, none to put inside it"
         if self.ep > 1 and (self.cp > 1 or self.tp > 1 or self.data == "fsdp"):
             return (
                 "--ep composes with --parallel none or ddp only (not with --cp, --tp or fsdp): "
@@ -171,13 +181,23 @@ class Axes:
         a tensor-parallel group (the neighbours of one node, on the fastest link), then a
         context-parallel ring, then an expert-parallel all-to-all; ranks with the same inner
         indices form a data-parallel group. None without a process group (one process); a
-        pipeline's stages talk over the default group."""
+        pipeline's stages talk over the default group.
+
+        With ``tp_outer`` the ranks are counted the other way round, tensor parallel outermost:
+        the ``dp x ep x cp`` ranks of one tensor-parallel index are consecutive (one node's,
+        under torchrun with that many per node) and a tensor-parallel group's ranks lie that far
+        apart (one per node: its activations' all-reduces cross the link, the gradients' stay
+        inside). The dimensions keep their names and order, so every strategy, and
+        :func:`replicas` and :func:`data_ranks`, read this mesh as they read the other."""
         if not dist.is_initialized() or self.pp > 1:
             return None
-        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
         shape = (self.dp, self.ep, self.cp, self.tp)
-        return init_device_mesh(device_type, shape, mesh_dim_names=self.DIMS)
+        if not self.tp_outer:
+            return init_device_mesh(device_type, shape, mesh_dim_names=self.DIMS)
+        ranks = torch.arange(self.world_size).reshape(self.tp, *shape[:-1])  # tp outermost
+        return DeviceMesh(device_type, ranks.permute(1, 2, 3, 0), mesh_dim_names=self.DIMS)
 
 
 def replicas(mesh):
@@ -251,6 +271,7 @@ def role(cfg, me: launch.Worker) -> tuple[loop.Role, Callable[[], nn.Module | No
     reader = data_ranks(mesh) if mesh is not None else None
     inner = {"tp": axes.tp, "cp": axes.cp, "ep": axes.ep}
     inner |= {"replicate": axes.replicate} if axes.replicate > 1 else {}  # HSDP's groups
+    inner |= {"tp_outer": True} if axes.tp_outer else {}  # tensor parallel across the nodes
     part = loop.Role(
         trained_module,
         optimizer,

@@ -4,11 +4,15 @@ arithmetic it predicts them with.
 - **The links and the all-reduces** (:func:`link_probe`): 2 nodes x 2 workers under torchrun,
   each rank running this module (``python -m course_utils.slow_link --worker SPEC``): both
   links' timings for :func:`course_utils.topology.fit_two_links`, the hierarchical all-reduce
-  against ``dist.all_reduce`` (equal), every all-reduce of
-  :func:`course_utils.topology.all_reduces` timed over sizes, and the bytes each put on the links.
+  against ``dist.all_reduce`` (:func:`hierarchical_check`), every all-reduce of
+  :func:`course_utils.topology.all_reduces` timed over sizes, and the bytes each put on the links
+  (:func:`link_sent`).
 - **A decision guide** (:func:`layouts`): the communication one training step needs under each
   placement of tensor parallel, FSDP, HSDP and DDP on ``nodes`` x ``per_node`` ranks, priced by a
   fitted :class:`~course_utils.topology.TwoLinks`: predictions, compute and overlap left out.
+- **Placement, measured** (:func:`placement_sweep`): the transformer under the entry point with
+  each layout's flags on 2 nodes x 2 workers: the bytes on each node's link and the step, against
+  each layout's collectives (:func:`placement_bytes`).
 - **Compression across the link** (:func:`compress_sweep`): DDP with each ``--compress`` hook
   (:mod:`course_utils.compression`) at each link rate, 1 worker per node: the bytes each node
   sent, the step, the losses; and the rate below which a hook pays (:func:`break_even_rate`).
@@ -124,7 +128,7 @@ def _sent_here() -> int:
     raise RuntimeError(f"no {cluster.LINK} here: not on a node of the cluster")
 
 
-def _link_sent(call, tensor: torch.Tensor, per_node: int) -> list[float]:
+def link_sent(call, tensor: torch.Tensor, per_node: int) -> list[float]:
     """Bytes each node's link sent while every rank ran ``call(tensor)`` once (its local rank 0
     reads the node's counters)."""
     node, local_rank = divmod(dist.get_rank(), per_node)
@@ -140,23 +144,33 @@ def _link_sent(call, tensor: torch.Tensor, per_node: int) -> list[float]:
     return sent.tolist()
 
 
+def hierarchical_check(
+    groups: topology.NodeGroups, numel: int = EQUAL_NUMEL
+) -> tuple[torch.Tensor, float]:
+    """On every rank: ``numel`` values drawn from the rank's own seed, summed over all ranks by
+    :func:`course_utils.topology.hierarchical_all_reduce` and by ``dist.all_reduce``. Returns
+    the values as drawn and the largest difference between the two sums on any rank."""
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(dist.get_rank()))
+    mine, builtin = x.clone(), x.clone()
+    topology.hierarchical_all_reduce(mine, groups)
+    dist.all_reduce(builtin)
+    diff = (mine - builtin).abs().max()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return x, diff.item()
+
+
 def _worker(spec: str) -> None:
     """One rank of :func:`link_probe`; rank 0 writes the JSON."""
     sizes, repeats, per_node, out = json.loads(spec)
     with launch.process_group("cpu", 120) as me:
         groups = topology.node_groups(per_node)
-        x = torch.randn(EQUAL_NUMEL, generator=torch.Generator().manual_seed(me.rank))
-        mine, builtin = x.clone(), x.clone()
-        topology.hierarchical_all_reduce(mine, groups)
-        dist.all_reduce(builtin)
-        diff = (mine - builtin).abs().max()
-        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+        x, diff = hierarchical_check(groups)
         links = topology.time_links(sizes, per_node, repeats)
         calls = topology.all_reduces(groups)
         timings = topology.timed(calls, sizes, repeats)
-        sent = {name: _link_sent(call, x.clone(), per_node) for name, call in calls.items()}
+        sent = {name: link_sent(call, x.clone(), per_node) for name, call in calls.items()}
         if me.is_main:
-            result = {"max_diff": diff.item(), "links": links, "timings": timings, "sent": sent}
+            result = {"max_diff": diff, "links": links, "timings": timings, "sent": sent}
             Path(out).write_text(json.dumps(result | {"sent_numel": EQUAL_NUMEL}))
 
 
@@ -181,13 +195,7 @@ def link_probe(
                 made, node, argv, stdout=log, stderr=subprocess.STDOUT,
                 env=torchrun.environment(),
             )  # fmt: skip
-    try:
-        codes = torchrun.finish(job, timeout)
-    finally:
-        job.stop()
-    if any(codes.values()) or not out.exists():
-        raise RuntimeError(f"the probe failed ({codes}):\n{job.log(0)[-2000:]}")
-    result = json.loads(out.read_text())
+    result = torchrun.results(job, timeout, out)
     return result | {"model": fit_links(result["links"])}
 
 
@@ -207,6 +215,86 @@ def fit_links(rows: Sequence[dict]) -> TwoLinks:
     return TwoLinks(sane("intra", fitted.intra), sane("inter", fitted.inter))
 
 
+# --- runs of the entry point across the nodes ------------------------------------------------
+
+
+def measured_run(
+    made: Cluster, folder: str | Path, args: Sequence[str], steps: int, batch_size: int = 64,
+    timeout: float = 300.0, **options,
+) -> dict:  # fmt: skip
+    """The entry point under torchrun on every node of ``made`` with ``args`` and ``steps`` of
+    ``batch_size`` (``options`` to :func:`course_utils.cluster.torchrun.job`: one worker per
+    node by default): the run's JSON (``result``), the bytes each node's link ``sent`` during
+    it, start-up included, and the step (``step_s``: ``batch_size / samples_per_s``, after the
+    first step)."""
+    folder = Path(tempfile.mkdtemp(prefix="run-", dir=folder))
+    out = folder / "run.json"
+    args = [*args, "--steps", str(steps), "--batch-size", str(batch_size), "--json", str(out)]
+    before = [cluster.link_bytes(made, n)["sent"] for n in range(made.nodes)]
+    result = torchrun.results(torchrun.job(made, args, logs=folder, **options), timeout, out)
+    sent = [cluster.link_bytes(made, n)["sent"] - b for n, b in enumerate(before)]
+    return {"result": result, "sent": sent, "step_s": batch_size / result["samples_per_s"]}
+
+
+# --- placement, measured (2 nodes x 2 workers) ----------------------------------------------
+
+TRANSFORMER = ["--model", "transformer", "--optimizer", "adamw", "--lr", "0.001", "--threads", "1"]
+GUIDE = {  # the layouts the lesson runs, by their name in the decision guide (layouts)
+    "ddp": "DDP, flat ring over all ranks",
+    "fsdp": "FSDP over all ranks",
+    "hsdp": "HSDP: shard inside, replicate across",
+}
+
+
+def placement_sweep(
+    made: Cluster, folder: str | Path, placements: dict[str, Sequence[str]], steps: int,
+    batch_size: int = 64, rate: str | None = None, per_node: int = PER_NODE,
+    progress: str | None = None,
+) -> dict[str, dict]:  # fmt: skip
+    """:func:`measured_run` of the transformer (:data:`TRANSFORMER`) with each layout's flags
+    (``{layout: flags}``), ``per_node`` workers on each node, one layout after another:
+    ``{layout: run}``. ``rate``: the link's rate meanwhile (the cluster's own is put back
+    afterwards); None: the cluster's own."""
+    runs, bar = {}, tqdm(total=len(placements), desc=progress, disable=progress is None)
+    try:
+        cluster.set_rate(made, rate or made.rate)
+        for layout, flags in placements.items():
+            args = [*TRANSFORMER, *flags]
+            runs[layout] = measured_run(
+                made, folder, args, steps, batch_size, nproc_per_node=per_node
+            )
+            bar.update()
+    finally:
+        cluster.set_rate(made, made.rate)
+        bar.close()
+    return runs
+
+
+def placement_bytes(
+    layout: str, nodes: int = 2, per_node: int = PER_NODE, gloo: bool = True
+) -> float:
+    """Bytes each node's link carries per step, each way, under ``layout`` (:data:`GUIDE`'s
+    keys) of the transformer, by its collectives on its float32 gradient B. A ring over all ranks
+    puts ``2(N-1)/N`` of what it all-reduces on the link, half of that for an all-gather or a
+    reduce-scatter. ``ddp``: a ring all-reduce of B. ``fsdp``: FSDP2 gathers every block twice
+    (forward, and again in backward: it reshards between) and the root (embedding, positions,
+    head) once, and reduce-scatters every gradient, all on the ring. ``hsdp``: the gathers and
+    reduce-scatters stay inside the node; each rank's shard is all-reduced with its twin on the
+    other node, ``2(M-1)/M`` B. ``gloo``: gloo's reduce-scatter is an all-reduce of which each
+    rank keeps its chunk (``ProcessGroupGloo``), a ring all-reduce's bytes, twice NCCL's."""
+    if layout not in GUIDE:
+        raise ValueError(f"unknown layout {layout!r}: choose from {sorted(GUIDE)}")
+    model = models.build("transformer")
+    whole, blocks = (sum(4 * p.numel() for p in m.parameters()) for m in (model, model.blocks))
+    if layout == "hsdp":
+        return float(TwoLinks.link_bytes("mesh", whole, nodes, per_node))
+    ring = float(TwoLinks.link_bytes("flat", 1.0, nodes, per_node))  # per byte all-reduced
+    if layout == "ddp":
+        return ring * whole
+    scatter = 1.0 if gloo else 0.5  # a reduce-scatter, in ring all-reduces
+    return ring * (blocks * (2 * 0.5 + scatter) + (whole - blocks) * (0.5 + scatter))
+
+
 # --- compression across the link (2 nodes x 1 worker) ---------------------------------------
 
 
@@ -214,29 +302,11 @@ def compress_run(
     made: Cluster, folder: str | Path, compress: str, steps: int, batch_size: int = 64,
     timeout: float = 300.0,
 ) -> dict:  # fmt: skip
-    """DDP of the CNN across the nodes with ``--compress compress``: the run's JSON
-    (``result``), the bytes each node ``sent``, the step (``step_s``, after the first) and the
-    mean of the last three losses (``loss``)."""
-    folder = Path(tempfile.mkdtemp(prefix=f"{compress.replace(':', '')}-", dir=folder))
-    out = folder / "run.json"
-    more = ["--compress", compress, "--threads", "1"]
-    before = [cluster.link_bytes(made, n)["sent"] for n in range(made.nodes)]
-    job = torchrun.job(made, many_machines.train_args(steps, batch_size, out, *more), logs=folder)
-    try:
-        codes = torchrun.finish(job, timeout)
-    finally:
-        job.stop()
-    if any(codes.values()) or not out.exists():
-        raise RuntimeError(f"--compress {compress} failed ({codes}):\n{job.log(0)[-2000:]}")
-    result = json.loads(out.read_text())
-    sent = [cluster.link_bytes(made, n)["sent"] - b for n, b in enumerate(before)]
-    step_s = batch_size / result["samples_per_s"]
-    return {
-        "result": result,
-        "sent": sent,
-        "step_s": step_s,
-        "loss": sum(result["losses"][-3:]) / 3,
-    }
+    """DDP of the CNN across the nodes, one worker each, with ``--compress compress``: what
+    :func:`measured_run` returns, and the mean of the last three losses (``loss``)."""
+    args = ["--model", "cnn", "--parallel", "ddp", "--compress", compress, "--threads", "1"]
+    run = measured_run(made, folder, args, steps, batch_size, timeout)
+    return run | {"loss": sum(run["result"]["losses"][-3:]) / 3}
 
 
 def compress_sweep(

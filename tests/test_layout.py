@@ -42,6 +42,7 @@ LAYERS = [
         "long_context",
         "many_machines",
         "slow_link",
+        "fsdp_precision",
         "cost_model",
         "challenges",
         "restart",

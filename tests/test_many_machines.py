@@ -6,6 +6,8 @@ be made, as on a laptop without root. The probes on a real cluster are in
 
 import json
 import math
+import subprocess
+import sys
 
 import matplotlib.colors as mcolors
 import pytest
@@ -14,6 +16,7 @@ from conftest import ROOT, notebook_functions
 import course_utils as cu
 from course_utils import cluster
 from course_utils import many_machines as mm
+from course_utils.cluster import torchrun
 
 NOTEBOOK = ROOT / "notebooks" / "14_many_machines.ipynb"
 B = 1_000_000  # a made-up gradient, bytes
@@ -152,6 +155,39 @@ def test_the_timeline_tells_the_rounds_the_checkpoints_the_kill_and_the_end():
     assert [e["t"] for e in events] == sorted(e["t"] for e in events)
     rejoined = events[5]["t"] - events[4]["t"]
     assert rejoined == pytest.approx(41.831 - 34.449)
+
+
+# --- a job's results --------------------------------------------------------------------------
+
+
+def finished_job(tmp_path, *programs: str) -> torchrun.Job:
+    """A job whose agents, one per node, are Python ``programs``, each printing to its log."""
+    job = torchrun.Job(cluster.Cluster("jobtest", len(programs)))
+    for node, program in enumerate(programs):
+        job.logs[node] = tmp_path / f"node{node}.log"
+        with open(job.logs[node], "wb") as log:
+            job.agents[node] = subprocess.Popen([sys.executable, "-c", program], stdout=log)
+    return job
+
+
+def test_a_jobs_results_are_rank_0s_json_or_an_error_with_every_nodes_log(tmp_path):
+    out = tmp_path / "run.json"
+    wrote = f"import json; json.dump({{'losses': [1.0]}}, open({str(out)!r}, 'w'))"
+    job = finished_job(tmp_path, wrote, "print('node 1 done')")
+    assert torchrun.results(job, 30, out) == {"losses": [1.0]}
+    assert [agent.returncode for agent in job.agents.values()] == [0, 0]
+    job = finished_job(tmp_path, wrote, "print('node 1 lost'); raise SystemExit(9)")
+    with pytest.raises(RuntimeError, match=r"exit codes \{0: 0, 1: 9\}") as failed:
+        torchrun.results(job, 30, out)
+    assert "node1: node 1 lost" in str(failed.value)
+    assert torchrun.results(job, 30, out, lost=1) == {"losses": [1.0]}  # killed on purpose
+    out.unlink()
+    with pytest.raises(RuntimeError, match="wrote no"):
+        torchrun.results(finished_job(tmp_path, "pass", "pass"), 30, out)
+    job = finished_job(tmp_path, "print('stuck', flush=True); import time; time.sleep(60)", "pass")
+    with pytest.raises(RuntimeError, match="ran past 1 s") as stuck:
+        torchrun.results(job, 1, out)
+    assert "node0: stuck" in str(stuck.value) and job.agents[0].poll() is not None  # stopped
 
 
 # --- the lesson's cluster, where none can be made, and where one can ------------------------

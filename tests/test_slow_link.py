@@ -1,7 +1,9 @@
 """Lesson 15 (across a slow link) without a cluster: the decision guide's arithmetic against hand
-calculation, the compression predictions, the fit's guard, the figures drawn from made-up data,
-the lesson's hand-written pieces against their definitions and the package, and the whole lesson
-run where no cluster can be made. The probes on a real cluster are in
+calculation, each measured layout's bytes on the link by its collectives, FSDP's bytes under
+--precision bf16 against their definition (with the bytes held, the losses and the accuracy), the
+compression predictions, the fit's guard, the figures drawn from made-up data, the lesson's
+hand-written pieces against their definitions and the package, and the whole lesson run where no
+cluster can be made. The probes on a real cluster are in
 ``tests/cluster/test_slow_link_cluster.py``."""
 
 import json
@@ -15,7 +17,15 @@ import torch.distributed as dist
 from conftest import ROOT, notebook_functions
 
 import course_utils as cu
-from course_utils import cluster, compression, many_machines, topology
+from course_utils import (
+    cluster,
+    compression,
+    fsdp_precision,
+    launch,
+    many_machines,
+    models,
+    topology,
+)
 from course_utils import slow_link as sl
 from course_utils.collectives import AlphaBeta
 
@@ -101,6 +111,75 @@ def test_a_fit_that_puts_all_the_time_into_alpha_is_read_as_a_bandwidth():
     assert links.inter.alpha_s == pytest.approx(1e-3, rel=1e-6)
 
 
+# --- placement, measured: the model ---------------------------------------------------------
+
+
+def test_each_layouts_link_bytes_are_its_collectives_by_hand():
+    model = models.build("transformer")
+    whole = 4 * sum(p.numel() for p in model.parameters())
+    blocks = 4 * sum(p.numel() for p in model.blocks.parameters())
+    root = whole - blocks  # embedding, positions, norm, head: gathered once a step
+    assert sl.placement_bytes("ddp") == pytest.approx(1.5 * whole)  # a ring of 4 over 2 nodes
+    assert sl.placement_bytes("hsdp") == pytest.approx(whole)  # shards' all-reduce across
+    # gloo: 2 gathers (half a ring each) and a reduce-scatter that is a whole all-reduce
+    assert sl.placement_bytes("fsdp") == pytest.approx(1.5 * (2 * blocks + 1.5 * root))
+    nccl = sl.placement_bytes("fsdp", gloo=False)  # a reduce-scatter half an all-reduce
+    assert nccl == pytest.approx(1.5 * (1.5 * blocks + root))
+    assert sl.placement_bytes("fsdp") / sl.placement_bytes("hsdp") > 2.9  # about 3x here
+    assert sl.placement_bytes("ddp", nodes=1) == 0.0  # nothing crosses on one node
+    with pytest.raises(ValueError, match="unknown layout"):
+        sl.placement_bytes("tp")
+
+
+def test_the_layouts_the_lesson_runs_are_named_as_the_guide_names_them():
+    rows = {r["layout"]: r for r in sl.layouts(LINKS, B, 0.0, 2, 2)}
+    assert set(sl.GUIDE.values()) <= set(rows)
+    shares = {k: rows[name]["held"] / B for k, name in sl.GUIDE.items()}
+    assert shares == {"ddp": 1.0, "fsdp": 0.25, "hsdp": 0.5}
+
+
+# --- precision on the wire and in memory ----------------------------------------------------
+
+
+def test_fsdps_collectives_are_defined_by_its_padded_shards_and_the_policys_dtypes():
+    model = models.build("transformer")
+
+    def shard(module, n):  # rows padded to a multiple of n, a rank keeps ceil(rows / n)
+        return sum(math.ceil(p.shape[0] / n) * (p.numel() // p.shape[0]) if p.dim() else 1
+                   for p in module.parameters())  # fmt: skip
+
+    for n in (2, 4):
+        forward_and_backward = shard(model, n) + shard(model.blocks, n)
+        assert fsdp_precision.handed("fp32", n) == {
+            "all-gather float32": 4 * forward_and_backward,
+            "reduce-scatter float32": 4 * n * shard(model, n),
+        }
+        assert fsdp_precision.handed("bf16", n) == {
+            "all-gather bfloat16": 2 * forward_and_backward,
+            "reduce-scatter float32": 4 * n * shard(model, n),
+        }
+
+
+def test_bf16_halves_what_fsdp_gathers_and_nothing_it_reduces_or_holds_between_steps():
+    runs = launch.run(fsdp_precision.measure, 2, 2, 32, 100, timeout=300)[0]
+    fp32, bf16 = runs["fp32"], runs["bf16"]
+    for kind, run in runs.items():
+        assert run["handed"] == fsdp_precision.handed(kind, 2)  # every byte, every step
+    assert bf16["handed"]["all-gather bfloat16"] == fp32["handed"]["all-gather float32"] / 2
+    assert bf16["held"] == fp32["held"] and bf16["peak"] < fp32["peak"]
+    assert bf16["losses"] != fp32["losses"]  # the policy changed the arithmetic...
+    assert bf16["losses"] == pytest.approx(fp32["losses"], rel=2**-8)  # ...within a rounding
+    assert 0 <= bf16["accuracy"] <= 1 and 0 <= fp32["accuracy"] <= 1
+
+
+def test_the_counter_restores_the_collectives_it_wraps():
+    gather, scatter = dist.all_gather_single, dist.reduce_scatter_single
+    with fsdp_precision._counted() as counts:
+        assert dist.all_gather_single is not gather
+    assert (dist.all_gather_single, dist.reduce_scatter_single) == (gather, scatter)
+    assert counts == {}
+
+
 # --- the figures ----------------------------------------------------------------------------
 
 
@@ -138,6 +217,20 @@ def test_the_compression_figure_shows_bytes_and_steps_per_hook():
     assert not left.patches and not right.patches
 
 
+def test_the_placement_figure_shows_bytes_and_steps_per_layout_or_the_model_alone():
+    model = {"bytes": {"fsdp": 3e6, "hsdp": 1e6}, "nccl": {"fsdp": 2e6, "hsdp": 1e6}}
+    model["link_s"] = {"fsdp": 0.25, "hsdp": 0.08}
+    runs = {k: {"sent": [0, 5 * b], "step_s": 2 * model["link_s"][k]} for k, b in
+            model["bytes"].items()}  # fmt: skip
+    left, right = cu.plots.placement_runs(runs, model, 5).axes
+    assert [round(p.get_height(), 6) for p in left.patches] == [3.0, 1.0]  # MB per step, node 1
+    assert [round(p.get_height()) for p in right.patches] == [500, 160]  # ms
+    assert [t.get_text() for t in left.get_xticklabels()] == ["fsdp", "hsdp"]
+    left, right = cu.plots.placement_runs(None, model, 5).axes
+    assert not left.patches and not right.patches and len(left.lines) == 2
+    assert "predicted only" in left.figure.texts[0].get_text()
+
+
 # --- the lesson's hand-written pieces -------------------------------------------------------
 
 
@@ -168,6 +261,19 @@ def test_the_lessons_hierarchical_all_reduce_equals_dist_all_reduce():
     assert [p.exitcode for p in ranks] == [0] * 4
     diffs = dict(out.get(timeout=5) for _ in ranks)
     assert sorted(diffs) == [0, 1, 2, 3] and max(diffs.values()) < 1e-5
+
+
+def _checked(numel: int, broken: bool) -> float:
+    groups = topology.node_groups(2)
+    if broken:  # the node's sum only: the all-reduce across left out
+        topology.hierarchical_all_reduce = lambda t, g: dist.all_reduce(t, group=g.intra)
+    return sl.hierarchical_check(groups, numel)[1]
+
+
+@pytest.mark.filterwarnings("ignore:4 workers on 2 cores")
+def test_the_shared_check_finds_the_hierarchical_sum_equal_and_a_wrong_one_not():
+    assert max(launch.run(_checked, 4, 1001, False, oversubscribe=True)) < 1e-5
+    assert min(launch.run(_checked, 4, 1001, True, oversubscribe=True)) > 0.1
 
 
 def test_the_lessons_answers_agree_with_the_package():
@@ -210,6 +316,9 @@ def test_the_lesson_runs_every_cell_without_a_cluster(monkeypatch, capsys):
     assert "no cluster here, predictions only" in printed and "needs root (test)" in printed
     assert "across nodes, beta, assumed (a prediction)" in printed
     assert "step at 10mbit (predicted)" in printed and "(no cluster)" in printed
+    assert "the guide (communication)  hsdp < fsdp" in printed  # fast mode: the two FSDPs
+    assert "all-gathered, bf16 / fp32: 0.500x" in printed
     assert namespace["made"] is None and namespace["probe"] is None and namespace["runs"] is None
+    assert namespace["placements"] is None
     assert namespace["links"] == sl.ASSUMED
     assert "Exercise 3: correct." in printed

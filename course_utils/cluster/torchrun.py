@@ -11,11 +11,13 @@ Two ways for the agents to meet (``rdzv``):
   (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: pytorch/pytorch#135712).
 
 The command the agents run is the course's entry point, unchanged (``python -m
-course_utils.train``); :func:`job` starts them, :func:`finish` waits and gathers what they printed.
+course_utils.train``); :func:`job` starts them, :func:`finish` waits for them, and :func:`results`
+waits, cleans up and reads what rank 0 wrote (``--json``), or raises with every node's log.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -127,3 +129,27 @@ def finish(started: Job, timeout: float = 300.0) -> dict[int, int]:
         started.stop()
         raise
     return codes
+
+
+def results(started: Job, timeout: float, out: str | Path, lost: int | None = None) -> dict:
+    """What rank 0 of ``started`` wrote to ``out`` (the entry point's ``--json``), once every agent
+    has ended (:func:`finish`; whatever is left after ``timeout`` seconds is stopped). Raises
+    RuntimeError with the end of every node's log when the job ran past ``timeout``, an agent
+    failed (but the ``lost`` node's, one killed on purpose) or nothing was written. Each agent's
+    exit code stays in its ``returncode``."""
+    try:
+        codes = finish(started, timeout)
+    except subprocess.TimeoutExpired:
+        codes = None
+    finally:
+        started.stop()
+    if codes is None:
+        what = f"ran past {timeout:.0f} s"
+    elif any(code for node, code in codes.items() if node != lost):
+        what = f"failed (exit codes {codes})"
+    elif not Path(out).exists():
+        what = f"wrote no {out}"
+    else:
+        return json.loads(Path(out).read_text())
+    tails = "\n".join(f"node{node}: {started.log(node)[-1500:]}" for node in started.logs)
+    raise RuntimeError(f"the job {what}:\n{tails}")

@@ -1,6 +1,6 @@
 """Figures of lesson 15 (across a slow link): both links' fits, the all-reduces over message sizes
-against the two-link model, the decision guide's predicted communication per layout, and DDP's
-compression hooks on the link."""
+against the two-link model, the decision guide's predicted communication per layout, the layouts
+measured on the cluster against their collectives, and DDP's compression hooks on the link."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 
 from course_utils.plots.core import _axes
 
-__all__ = ["two_links", "all_reduce_sizes", "layout_times", "compression_runs"]
+__all__ = ["two_links", "all_reduce_sizes", "layout_times", "placement_runs", "compression_runs"]
 
 MB = 1e6
 METHOD_MODEL = {"gloo": "flat", "ring": "flat", "hierarchical": "hierarchical", "mesh": "mesh"}
@@ -107,6 +107,59 @@ def layout_times(rows: Sequence[dict], title: str = "", ax=None):
     return fig
 
 
+def _two_panels(ax, figsize: tuple[float, float]):
+    """A figure of two panels side by side, or ``ax`` and a twin of it when the caller gives one:
+    ``(figure, left, right)``."""
+    if ax is None:
+        fig, (left, right) = plt.subplots(1, 2, figsize=figsize)
+        return fig, left, right
+    return ax.figure, ax, ax.twinx()
+
+
+def _bar_panel(panel) -> None:
+    """A panel of bars and markers: from 0 up, a light grid across, a small legend."""
+    panel.set_ylim(bottom=0)
+    panel.grid(alpha=0.3, axis="y")
+    panel.legend(fontsize=7)
+
+
+def placement_runs(
+    runs: Mapping[str, dict] | None, predicted: Mapping[str, Mapping[str, float]], steps: int,
+    rate: str | None = None, ax=None,
+):  # fmt: skip
+    """Each layout on the cluster (:func:`course_utils.slow_link.placement_sweep`), two panels:
+    node 1's bytes on its link per step, averaged over the ``steps`` of a run (measured bars; the
+    model's as markers: ``predicted["bytes"]`` by gloo's collectives, ``predicted["nccl"]`` with
+    ring reduce-scatters), and the step (measured bars; ``predicted["link_s"]``, the link's
+    share alone, as markers), the link at ``rate`` (named in the title). Markers only where
+    ``runs`` is None."""
+    fig, left, right = _two_panels(ax, (10.5, 4))
+    layouts = list(predicted["bytes"])
+    xs = np.arange(len(layouts))
+    if runs:
+        sent = [runs[k]["sent"][1] / steps / MB for k in layouts]
+        left.bar(xs, sent, 0.6, color="0.75", edgecolor="black", label="measured (node 1)")
+        step = [1e3 * runs[k]["step_s"] for k in layouts]
+        right.bar(xs, step, 0.6, color="0.75", edgecolor="black", label="measured step")
+    for key, marker, label in (("bytes", "D", "model: gloo's collectives"),
+                               ("nccl", "o", "model: ring reduce-scatters (NCCL)")):  # fmt: skip
+        ys = [predicted[key][k] / MB for k in layouts]
+        left.plot(xs, ys, marker, color="tab:red", mfc="none" if key == "nccl" else None,
+                  linestyle="none", label=label)  # fmt: skip
+    link_ms = [1e3 * predicted["link_s"][k] for k in layouts]
+    right.plot(xs, link_ms, "D", color="tab:red", label="the link's share alone (model)")
+    left.set(ylabel="MB per step on the link", title="Bytes on the slow link")
+    right.set(ylabel="ms per step", title="Step time")
+    for panel in (left, right):
+        panel.set_xticks(xs, layouts)
+        _bar_panel(panel)
+    what = "measured and predicted" if runs else "predicted only (no cluster)"
+    at = f", link at {rate}" if rate else ""
+    fig.suptitle(f"The transformer on 2 nodes x 2 workers{at}, each layout: {what}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def compression_runs(
     runs: Mapping[str, Mapping[str, dict]] | None, predicted: Mapping[str, Mapping[str, float]],
     steps: int, ax=None,
@@ -115,10 +168,7 @@ def compression_runs(
     over the ``steps`` of a run (measured bars, the predicted payloads as markers) and the step time at each rate (measured bars,
     one group per hook; none where ``runs`` is None). ``predicted``: ``{"bytes": {hook: bytes
     per step, the run's average}, rate: {hook: seconds}}``."""
-    if ax is None:
-        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    else:
-        fig, (left, right) = ax.figure, (ax, ax.twinx())
+    fig, left, right = _two_panels(ax, (11, 4.2))
     hooks = list(predicted["bytes"])
     xs = np.arange(len(hooks))
     rates = [r for r in predicted if r != "bytes"]
@@ -141,9 +191,7 @@ def compression_runs(
     right.set_xticks(xs, hooks, fontsize=8)
     right.set(ylabel="ms per step", title="Step time at each link rate")
     for panel in (left, right):
-        panel.set_ylim(bottom=0)
-        panel.grid(alpha=0.3, axis="y")
-        panel.legend(fontsize=7)
+        _bar_panel(panel)
     fig.suptitle("DDP across 2 nodes with each --compress hook", fontsize=10)
     fig.tight_layout()
     return fig

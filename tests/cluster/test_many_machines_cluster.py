@@ -15,7 +15,7 @@ from course_utils import cluster
 from course_utils import many_machines as mm
 
 pytestmark = needs_cluster
-NAME = "lessontest"
+NAME = "slowlessonmm"
 SETTINGS = dict(model="cnn", batch_size=64, seed=0)
 
 

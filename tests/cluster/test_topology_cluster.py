@@ -2,7 +2,8 @@
 gloo's all-reduce, and the bytes each node's link carries are the model's, B for the hierarchical
 one against 1.5 B for the flat ring.
 
-This file is also the workers' script: torchrun runs it with ``--worker SPEC``."""
+This file is also the workers' script: torchrun runs it with ``--worker OUT``, the JSON rank 0
+writes."""
 
 import json
 import subprocess
@@ -10,64 +11,41 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-import torch.distributed as dist
 from cluster_support import needs_cluster, running
 
-from course_utils import cluster, collectives, launch, topology
+from course_utils import cluster, collectives, launch, slow_link, topology
 from course_utils.cluster import torchrun
 
 ROOT = Path(__file__).resolve().parents[2]
-NAME = "hiertest"
+NAME = "slowlessonhier"
 PER_NODE = 2
 NUMEL = 2**20 + 3  # 4 MB of float32, not divisible by the ranks of a node
 
 
-def link_sent(made: cluster.Cluster, call) -> list[float]:
-    """Bytes each node's link sent while ``call()`` ran on every rank."""
-    node, local_rank = divmod(dist.get_rank(), PER_NODE)
-    sent = torch.zeros(made.nodes, dtype=torch.float64)
-    dist.barrier()
-    before = cluster.link_bytes(made, node)["sent"] if local_rank == 0 else 0
-    dist.barrier()
-    call()
-    dist.barrier()
-    if local_rank == 0:
-        sent[node] = cluster.link_bytes(made, node)["sent"] - before
-    dist.all_reduce(sent)
-    return sent.tolist()
-
-
-def worker(spec: str) -> None:
+def worker(out: str) -> None:
     """On each rank: the hierarchical sum against gloo's, and the bytes each method sent."""
-    made, out = json.loads(spec)
-    made = cluster.Cluster(*made)
     with launch.process_group("cpu", 60) as me:
         groups = topology.node_groups(PER_NODE)
-        x = torch.randn(NUMEL, generator=torch.Generator().manual_seed(me.rank))
-        mine, builtin = x.clone(), x.clone()
-        topology.hierarchical_all_reduce(mine, groups)
-        dist.all_reduce(builtin)
-        diff = (mine - builtin).abs().max()
-        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+        x, diff = slow_link.hierarchical_check(groups, NUMEL)
         sent = {
-            "hierarchical": link_sent(made, lambda: topology.hierarchical_all_reduce(x, groups)),
-            "flat": link_sent(made, lambda: collectives.ring_all_reduce(x)),
+            "hierarchical": slow_link.link_sent(
+                lambda t: topology.hierarchical_all_reduce(t, groups), x, PER_NODE
+            ),
+            "flat": slow_link.link_sent(collectives.ring_all_reduce, x, PER_NODE),
         }
         if me.is_main:
-            Path(out).write_text(json.dumps({"max_diff": diff.item(), "sent": sent}))
+            Path(out).write_text(json.dumps({"max_diff": diff, "sent": sent}))
 
 
 @pytest.fixture
 def measured(tmp_path):
     out = tmp_path / "measured.json"
     with running(NAME, 2, "1gbit") as made:
-        spec = json.dumps([list(vars(made).values()), str(out)])
         agents = []
         for node in range(2):
             argv = [str(torchrun.TORCHRUN), "--nnodes", "2", "--nproc-per-node", str(PER_NODE)]
             argv += ["--node-rank", str(node), "--master-addr", made.address(0)]
-            argv += ["--master-port", str(torchrun.PORT), __file__, "--worker", spec]
+            argv += ["--master-port", str(torchrun.PORT), __file__, "--worker", str(out)]
             log = open(tmp_path / f"node{node}.log", "wb")
             agents.append(
                 cluster.spawn(made, node, argv, cwd=ROOT, env=torchrun.environment(),
