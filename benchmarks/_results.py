@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 import platform
+import signal
+import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import course_utils as cu
+from course_utils import cluster
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -39,3 +44,33 @@ def skip(name: str, reason: str, repeats: int, watch) -> None:
         return
     path = save(name, [], repeats, watch, {"skipped": reason})
     print(f"{name}: not measured ({reason}); wrote {path}")
+
+
+def check_link(p, args, short_steps: int) -> None:
+    """Refuse, through the parser ``p``, steps too few to leave a difference over the short run's
+    (``short_steps``) and a link rate ``tc`` would not take."""
+    if args.steps <= short_steps:
+        p.error(f"--steps must be above {short_steps} (the bytes per step are a difference)")
+    try:
+        cluster.rate_bytes(args.rate)
+    except ValueError as err:
+        p.error(str(err))
+
+
+def on_cluster(name: str, measure: Callable[[Path], object]) -> tuple[object, str | None]:
+    """``measure(folder)`` (a fresh temporary folder) with the benchmark's own cluster ``name``:
+    an earlier run's leftover of that name removed first, and ``name`` taken down afterwards,
+    SIGTERM included. ``(what measure returned, None)``, or ``(None, why)`` where no cluster can
+    be made here (no root, no namespaces)."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that finally takes it down
+    reason = cluster.unavailable()
+    if reason is not None:
+        return None, reason
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            cluster.down(name)  # an earlier run's leftover (this benchmark's only)
+            return measure(Path(folder)), None
+        except cluster.ClusterError as err:  # the cluster can't be made here
+            return None, str(err)
+        finally:
+            cluster.down(name)

@@ -26,15 +26,12 @@ benchmarks/results/compression.json.
 from __future__ import annotations
 
 import argparse
-import signal
 import statistics
-import sys
-import tempfile
 import time
 from functools import partial
 from pathlib import Path
 
-from _results import save, skip
+from _results import check_link, on_cluster, save, skip
 
 import course_utils as cu
 from course_utils import cluster, compression
@@ -139,27 +136,17 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.repeats, args.steps = 1, 16
-    if args.steps <= SHORT_STEPS:
-        p.error(f"--steps must be above {SHORT_STEPS} (the bytes per step are a difference)")
+    check_link(p, args, SHORT_STEPS)
     if "none" not in args.hooks:
         args.hooks = ["none", *args.hooks]  # every speedup is against plain DDP
     for hook in args.hooks:
         try:
             compression.parse(hook)
-            cluster.rate_bytes(args.rate)
         except ValueError as err:
             p.error(str(err))
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that finally takes it down
-    start, reason, rows = time.perf_counter(), cluster.unavailable(), []
-    with cu.measure.Watch() as watch, tempfile.TemporaryDirectory() as folder:
-        if reason is None:
-            try:
-                cluster.down(NAME)  # an earlier run's leftovers (this benchmark's only)
-                rows = measure(args, Path(folder))
-            except cluster.ClusterError as err:  # the cluster can't be made (or changed) here
-                reason = str(err)
-            finally:
-                cluster.down(NAME)
+    start = time.perf_counter()
+    with cu.measure.Watch() as watch:
+        rows, reason = on_cluster(NAME, partial(measure, args))
     if reason is not None:
         skip("compression", reason, args.repeats, watch)
         return

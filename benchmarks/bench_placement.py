@@ -50,15 +50,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import statistics
-import sys
-import tempfile
 import time
 from functools import partial
 from pathlib import Path
 
-from _results import RESULTS, save, skip
+from _results import RESULTS, check_link, on_cluster, save, skip
 
 import course_utils as cu
 from course_utils import cluster, tensor_parallel
@@ -222,26 +219,14 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.repeats, args.steps = 2, 12
-    if args.steps <= SHORT_STEPS:
-        p.error(f"--steps must be above {SHORT_STEPS} (the bytes per step are a difference)")
-    try:
-        cluster.rate_bytes(args.rate)
-    except ValueError as err:
-        p.error(str(err))
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that finally takes it down
-    start, reason = time.perf_counter(), cluster.unavailable()
-    with cu.measure.Watch() as watch, tempfile.TemporaryDirectory() as folder:
-        if reason is None:
-            try:
-                cluster.down(NAME)  # an earlier run's leftover (this benchmark's only)
-                rows, extra = measure(args, Path(folder))
-            except cluster.ClusterError as err:  # the cluster can't be made here
-                reason = str(err)
-            finally:
-                cluster.down(NAME)
+    check_link(p, args, SHORT_STEPS)
+    start = time.perf_counter()
+    with cu.measure.Watch() as watch:
+        measured, reason = on_cluster(NAME, partial(measure, args))
     if reason is not None:
         skip("placement", reason, args.repeats, watch)
         return
+    rows, extra = measured
     report(rows, extra)
     print(watch.note())
     extra |= {"nodes": NODES, "per_node": PER_NODE, "steps": args.steps, "quick": args.quick}

@@ -421,6 +421,35 @@ def compression_table(d: dict) -> tuple[str, list[str], list[list]]:
     return title, header + ["test accuracy", "kB sent per step (payload)"], rows
 
 
+def precision_table(d: dict) -> tuple[str, list[str], list[list]]:
+    """One row per ``--precision``: the bytes on the link per step against what FSDP2's
+    collectives are handed, what a rank holds, the accuracy and the step."""
+    what = "Precision on the slow link (`bench_precision.py`)"
+    if d.get("skipped"):
+        return _skipped(what, d)
+    rows = []
+    for r in d["rows"]:
+        sent = sum(r["sent_per_step"]) / len(r["sent_per_step"])
+        rows.append(
+            [r["precision"], f"{sent / 1e3:,.0f}", f"{r['model_bytes'] / 1e3:,.0f}"]
+            + [f"{r['held'] / 1e3:,.0f}", f"{r['peak'] / 1e3:,.0f}", f"{r['test_accuracy']:.3f}"]
+            + _median_range(r, "step_ms")
+        )
+    units = d.get("bf16_units") or "none"
+    title = (
+        f"Precision on the slow link: the transformer under `--parallel fsdp --precision P`, 2 "
+        f"nodes × 1 worker, link {d['rate']}, {d['steps']} steps of batch {d['batch_size']} "
+        f"(`bench_precision.py`, median of {d['repeats']} interleaved rounds"
+        f"{', a quick run' if d.get('quick') else ''}; {_busy(d)}): the kB each node's link sent "
+        "per step against what FSDP2's collectives were handed (all-gathers in the policy's "
+        "dtype, the reduce-scatter in float32), what rank 0 held between steps and at the peak, "
+        f"the test accuracy, and the step (bfloat16 units on this CPU: {units}: a step, not a "
+        "ratio to read)"
+    )
+    header = ["--precision", "kB sent per step", "handed kB", "held kB", "peak kB"]
+    return title, header + ["test accuracy", "step ms", "min–max"], rows
+
+
 def placement_table(d: dict) -> tuple[str, list[str], list[list]]:
     """One row per layout: its step at the slow rate and unlimited, the bytes on the link per step
     and the model's; the fields read are those of bench_placement's results (the module's
@@ -637,6 +666,7 @@ def main() -> None:
         "hierarchy_4": (hierarchy_table, None),
         "placement": (placement_table, None),
         "compression": (compression_table, None),
+        "precision": (precision_table, None),
         "widgets": (widget_table, None),
     }
     machine = (
