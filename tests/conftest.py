@@ -65,3 +65,28 @@ def notebook_functions(notebook: Path, names, namespace: dict) -> dict:
     missing = wanted - set(namespace)
     assert not missing, f"{notebook.name} no longer defines {sorted(missing)}"
     return {name: namespace[name] for name in names}
+
+
+# what makes, changes or reads a cluster: a lesson run without one must call none of them
+CLUSTER_COMMANDS = ("up", "down", "existing", "spawn", "status", "link_bytes", "set_rate")
+
+
+def lesson_without_a_cluster(notebook: Path, monkeypatch) -> dict:
+    """Every code cell of a cluster lesson, in order, in one namespace (returned), where no
+    cluster can be made ("the cluster needs root (test)"): a cell that still calls one of
+    ``CLUSTER_COMMANDS`` fails the test."""
+    import json
+
+    from course_utils import cluster
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("no cluster command may run here")
+
+    monkeypatch.setattr(cluster, "unavailable", lambda: "the cluster needs root (test)")
+    for name in CLUSTER_COMMANDS:
+        monkeypatch.setattr(cluster, name, refuse)
+    namespace = {"__name__": "__lesson__"}
+    for cell in json.loads(notebook.read_text())["cells"]:
+        if cell["cell_type"] == "code":
+            exec(compile("".join(cell["source"]), str(notebook), "exec"), namespace)
+    return namespace

@@ -4,14 +4,13 @@ the lesson's own functions against the package's; and the whole lesson run where
 be made, as on a laptop without root. The probes on a real cluster are in
 ``tests/cluster/test_many_machines_cluster.py``."""
 
-import json
 import math
 import subprocess
 import sys
 
 import matplotlib.colors as mcolors
 import pytest
-from conftest import ROOT, notebook_functions
+from conftest import ROOT, lesson_without_a_cluster, notebook_functions
 
 import course_utils as cu
 from course_utils import cluster
@@ -217,16 +216,7 @@ def test_bring_up_removes_a_leftover_first_and_takes_the_cluster_down_at_exit(mo
 
 
 def test_the_lesson_runs_every_cell_without_a_cluster(monkeypatch, capsys):
-    def refuse(*args, **kwargs):
-        raise AssertionError("no cluster command may run here")
-
-    monkeypatch.setattr(cluster, "unavailable", lambda: "the cluster needs root (test)")
-    for name in ("up", "down", "existing", "spawn", "status", "link_bytes"):
-        monkeypatch.setattr(cluster, name, refuse)
-    namespace = {"__name__": "__lesson__"}
-    for cell in json.loads(NOTEBOOK.read_text())["cells"]:
-        if cell["cell_type"] == "code":
-            exec(compile("".join(cell["source"]), str(NOTEBOOK), "exec"), namespace)
+    namespace = lesson_without_a_cluster(NOTEBOOK, monkeypatch)
     printed = capsys.readouterr().out
     assert "no cluster here, predictions only" in printed and "needs root (test)" in printed
     assert "node1 will send (predicted)" in printed and "step predicted by token bucket" in printed

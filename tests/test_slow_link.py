@@ -6,7 +6,6 @@ hand-written pieces against their definitions and the package, and the whole les
 cluster can be made. The probes on a real cluster are in
 ``tests/cluster/test_slow_link_cluster.py``."""
 
-import json
 import math
 import multiprocessing
 import tempfile
@@ -14,11 +13,10 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import ROOT, notebook_functions
+from conftest import ROOT, lesson_without_a_cluster, notebook_functions
 
 import course_utils as cu
 from course_utils import (
-    cluster,
     compression,
     fsdp_precision,
     launch,
@@ -302,16 +300,7 @@ def test_the_lessons_top_k_keeps_the_largest_and_carries_the_rest():
 
 
 def test_the_lesson_runs_every_cell_without_a_cluster(monkeypatch, capsys):
-    def refuse(*args, **kwargs):
-        raise AssertionError("no cluster command may run here")
-
-    monkeypatch.setattr(cluster, "unavailable", lambda: "the cluster needs root (test)")
-    for name in ("up", "down", "existing", "spawn", "status", "link_bytes", "set_rate"):
-        monkeypatch.setattr(cluster, name, refuse)
-    namespace = {"__name__": "__lesson__"}
-    for cell in json.loads(NOTEBOOK.read_text())["cells"]:
-        if cell["cell_type"] == "code":
-            exec(compile("".join(cell["source"]), str(NOTEBOOK), "exec"), namespace)
+    namespace = lesson_without_a_cluster(NOTEBOOK, monkeypatch)
     printed = capsys.readouterr().out
     assert "no cluster here, predictions only" in printed and "needs root (test)" in printed
     assert "across nodes, beta, assumed (a prediction)" in printed
